@@ -1,0 +1,274 @@
+"""Delivery workers: claim due mail from the shared queue, send it, record every outcome.
+
+One dispatcher claims batches (runbook 7.2: batch_size 50) into a local buffer that
+`worker_count` workers drain. Claims are leases: a keeper renews them while this process
+holds them, and a reaper on every replica returns leases that a dead worker let expire.
+Mail accepted by this process wakes the dispatcher at once; mail accepted by other replicas
+is found by polling every `process_interval`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+
+from relay.clock import utcnow
+from relay.config import DeliverySettings
+from relay.delivery.providers.base import (
+    Envelope,
+    Outcome,
+    Provider,
+    ProviderError,
+)
+from relay.delivery.retry import ProviderAttempt, RetryPolicy, decide
+from relay.logs import event
+from relay.queue.model import AttemptResult, ClaimedMessage
+from relay.queue.sql import SqlStore
+from relay.queue.store import StoreUnavailable
+
+log = logging.getLogger("relay.delivery")
+
+_REAP_EVERY_S = 30.0
+_STORE_RETRY_S = 2.0
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
+
+
+class DeliveryEngine:
+    def __init__(
+        self,
+        store: SqlStore,
+        providers: Mapping[str, Provider],
+        settings: DeliverySettings,
+        *,
+        worker_id: str | None = None,
+    ) -> None:
+        self.store = store
+        self.providers = providers
+        self.settings = settings
+        self.worker_id = worker_id or default_worker_id()
+        self.policy = RetryPolicy(settings.min_backoff, settings.max_backoff, settings.max_age)
+        self._buffer: asyncio.Queue[ClaimedMessage | None] = asyncio.Queue()
+        self._held: set[str] = set()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._workers: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def wake(self) -> None:
+        """New mail is queued: look now instead of at the next poll."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._dispatch(), name="delivery-dispatcher"),
+            asyncio.create_task(self._keep_leases(), name="delivery-leases"),
+            asyncio.create_task(self._reap(), name="delivery-reaper"),
+        ]
+        self._workers = [
+            asyncio.create_task(self._work(), name=f"delivery-worker-{n}")
+            for n in range(self.settings.worker_count)
+        ]
+
+    async def stop(self, grace: timedelta | None = None) -> None:
+        """Stop claiming, hand back what was not started, let deliveries finish, release."""
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+        unstarted = []
+        while not self._buffer.empty():
+            message = self._buffer.get_nowait()
+            if message is not None:
+                unstarted.append(message.id)
+        await self._release(unstarted)
+
+        for _ in self._workers:
+            self._buffer.put_nowait(None)
+        timeout = (grace or self.settings.shutdown_grace).total_seconds()
+        _, late = await asyncio.wait(self._workers, timeout=timeout) if self._workers else ((), ())
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        # Deliveries cut off by the grace period: the peer may or may not have the message.
+        # Releasing it means it is sent again (at-least-once), never lost.
+        await self._release(list(self._held))
+        for provider in self.providers.values():
+            await provider.close()
+
+    async def _release(self, message_ids: Sequence[str]) -> None:
+        if not message_ids:
+            return
+        try:
+            count = await self.store.release(worker_id=self.worker_id, message_ids=message_ids)
+        except StoreUnavailable as exc:
+            event(log, "delivery.release_failed", logging.WARNING, error=str(exc),
+                  count=len(message_ids))
+            return
+        self._held.difference_update(message_ids)
+        event(log, "delivery.released", count=count)
+
+    # Claiming
+
+    def _capacity(self) -> int:
+        # Keep about one round of work buffered beyond the busy workers, no more: claimed
+        # mail sitting in one replica's buffer is mail another replica could be sending.
+        return min(self.settings.batch_size, 2 * self.settings.worker_count - len(self._held))
+
+    async def _dispatch(self) -> None:
+        interval = self.settings.process_interval.total_seconds()
+        while not self._stopping:
+            self._wake.clear()
+            limit = self._capacity()
+            claimed: list[ClaimedMessage] = []
+            if limit > 0:
+                try:
+                    claimed = await self.store.claim(
+                        worker_id=self.worker_id,
+                        limit=limit,
+                        lease=self.settings.lease,
+                        now=utcnow(),
+                    )
+                except StoreUnavailable as exc:
+                    event(log, "delivery.claim_failed", logging.WARNING, error=str(exc))
+                    await asyncio.sleep(_STORE_RETRY_S)
+                    continue
+                for message in claimed:
+                    self._held.add(message.id)
+                    self._buffer.put_nowait(message)
+                if len(claimed) == limit:
+                    continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=interval)
+
+    async def _keep_leases(self) -> None:
+        period = self.settings.lease.total_seconds() / 3
+        while True:
+            await asyncio.sleep(period)
+            if not self._held:
+                continue
+            try:
+                await self.store.renew(
+                    worker_id=self.worker_id,
+                    message_ids=list(self._held),
+                    until=utcnow() + self.settings.lease,
+                )
+            except StoreUnavailable as exc:
+                event(log, "delivery.renew_failed", logging.WARNING, error=str(exc))
+
+    async def _reap(self) -> None:
+        period = min(_REAP_EVERY_S, self.settings.lease.total_seconds() / 2)
+        while True:
+            try:
+                count = await self.store.requeue_expired(now=utcnow())
+            except StoreUnavailable as exc:
+                event(log, "delivery.reap_failed", logging.WARNING, error=str(exc))
+            else:
+                if count:
+                    event(log, "delivery.leases_expired", logging.WARNING, count=count)
+                    self.wake()
+            await asyncio.sleep(period)
+
+    # Delivering
+
+    async def _work(self) -> None:
+        while True:
+            message = await self._buffer.get()
+            if message is None:
+                return
+            try:
+                await self.deliver(message)
+            except StoreUnavailable as exc:
+                # The lease will expire and the message will be tried again; nothing is lost.
+                event(log, "delivery.store_failed", logging.ERROR, message_id=message.id,
+                      error=str(exc))
+            except Exception:
+                log.exception("delivery.crashed", extra={"message_id": message.id})
+            finally:
+                self._held.discard(message.id)
+                if not self._stopping:
+                    self.wake()
+
+    async def deliver(self, message: ClaimedMessage) -> AttemptResult:
+        started = time.monotonic()
+        content = await self.store.load_content(message.id)
+        remaining = list(message.recipients)
+        attempts: list[ProviderAttempt] = []
+        provider_errors: list[str] = []
+        used: list[str] = []
+        for name in self.settings.providers:
+            if not remaining:
+                break
+            provider = self.providers[name]
+            envelope = Envelope(
+                message_id=message.id,
+                mail_from=message.from_email,
+                rcpt_tos=tuple(r.address for r in remaining),
+                mail_options=message.mail_options,
+            )
+            used.append(name)
+            try:
+                results = await provider.send(envelope, content)
+            except ProviderError as exc:
+                provider_errors.append(exc.detail)
+                continue
+            by_address = {result.address: result for result in results}
+            outcome = {
+                r.row_id: by_address[r.address] for r in remaining if r.address in by_address
+            }
+            attempts.append(ProviderAttempt(name, outcome))
+            # Recipients the provider could not place now go to the next provider at once.
+            remaining = [
+                r for r in remaining
+                if r.row_id not in outcome or outcome[r.row_id].outcome is Outcome.TRANSIENT
+            ]
+
+        result = decide(
+            message,
+            attempts,
+            policy=self.policy,
+            now=utcnow(),
+            provider_error="; ".join(provider_errors) or None,
+        )
+        held = await self._complete(message, result)
+        event(
+            log,
+            "delivery.attempt",
+            message_id=message.id,
+            workspace=message.workspace_id,
+            providers=",".join(used),
+            outcome=result.status.value,
+            recipients=len(message.recipients),
+            retry_count=result.retry_count,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+            lease_held=held,
+        )
+        return result
+
+    async def _complete(self, message: ClaimedMessage, result: AttemptResult) -> bool:
+        # The mail has left: recording that must outlast a short database outage, or the
+        # lease expires and the message is sent a second time.
+        deadline = time.monotonic() + self.settings.lease.total_seconds() / 2
+        while True:
+            try:
+                return await self.store.complete(
+                    worker_id=self.worker_id, message_id=message.id, result=result
+                )
+            except StoreUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(_STORE_RETRY_S)

@@ -1,0 +1,200 @@
+"""The production backend: MySQL 8+ or MariaDB 10.6+ through aiomysql, shared by replicas.
+
+Claims use `SELECT ... FOR UPDATE SKIP LOCKED`, so replicas claiming at the same moment take
+disjoint rows without waiting on each other; that clause is why older servers are refused
+at start-up. Sessions run at READ COMMITTED in UTC.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import aiomysql
+import pymysql
+
+from relay.config import MysqlSettings
+from relay.queue import schema
+from relay.queue.model import MessageStatus
+from relay.queue.sql import Row, SqlStore, Tx
+from relay.queue.store import StoreUnavailable
+
+_MIGRATION_LOCK = "smtp_relay_migrate"
+# Room for the statement and the other columns next to the raw message in one packet.
+_PACKET_OVERHEAD = 1024 * 1024
+
+
+def _dialect(sql: str) -> str:
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    # pymysql errors carry (code, text); neither holds credentials or message data.
+    return StoreUnavailable(f"MySQL queue unavailable: {exc.__class__.__name__} {exc.args[:2]}")
+
+
+class _MysqlTx(Tx):
+    def __init__(self, cursor: aiomysql.Cursor) -> None:
+        self._cursor = cursor
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return int(await self._cursor.execute(_dialect(sql), tuple(params)))
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            await self._cursor.executemany(_dialect(sql), [tuple(row) for row in rows])
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        await self._cursor.execute(_dialect(sql), tuple(params))
+        return [tuple(row) for row in await self._cursor.fetchall()]
+
+
+class MysqlStore(SqlStore):
+    backend = "mysql"
+    migrations = schema.MYSQL
+    table_exists_sql = (
+        "SELECT table_name FROM information_schema.tables"
+        " WHERE table_schema = DATABASE() AND table_name = ?"
+    )
+
+    def __init__(self, settings: MysqlSettings, *, max_message_size: int | None = None) -> None:
+        self.settings = settings
+        self.max_message_size = max_message_size
+        self._pool: aiomysql.Pool | None = None
+        self.server_version = ""
+
+    async def open(self) -> None:
+        s = self.settings
+        try:
+            self._pool = await aiomysql.create_pool(
+                host=s.host,
+                port=s.port,
+                unix_socket=s.unix_socket,
+                user=s.user,
+                password=s.resolved_password(),
+                db=s.database,
+                minsize=s.min_connections,
+                maxsize=s.max_connections,
+                pool_recycle=int(s.conn_lifetime.total_seconds()),
+                connect_timeout=s.connect_timeout.total_seconds(),
+                autocommit=False,
+                charset="utf8mb4",
+                init_command=(
+                    "SET SESSION time_zone = '+00:00',"
+                    " SESSION tx_isolation = 'READ-COMMITTED'"
+                ),
+            )
+        except (pymysql.Error, OSError) as exc:
+            raise _unavailable(exc) from exc
+        await self._check_server()
+
+    async def _check_server(self) -> None:
+        async with self.transaction() as tx:
+            rows = await tx.fetchall("SELECT VERSION(), @@max_allowed_packet")
+        version, max_packet = str(rows[0][0]), int(rows[0][1])
+        self.server_version = version
+        if not _supports_skip_locked(version):
+            raise StoreUnavailable(
+                f"MySQL server {version} lacks SELECT ... SKIP LOCKED:"
+                " MySQL 8.0+ or MariaDB 10.6+ is required"
+            )
+        if self.max_message_size and max_packet < self.max_message_size + _PACKET_OVERHEAD:
+            raise StoreUnavailable(
+                f"server max_allowed_packet is {max_packet} bytes, too small for"
+                f" smtp.max_message_size {self.max_message_size}: raise it to at least"
+                f" {self.max_message_size + _PACKET_OVERHEAD}"
+            )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            await self._pool.wait_closed()
+            self._pool = None
+
+    async def ping(self) -> None:
+        async with self.transaction() as tx:
+            await tx.fetchall("SELECT 1")
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        if self._pool is None:
+            raise StoreUnavailable("MySQL queue is not open")
+        try:
+            conn = await self._pool.acquire()
+        except (pymysql.Error, OSError) as exc:
+            raise _unavailable(exc) from exc
+        try:
+            try:
+                await conn.begin()
+                cursor = await conn.cursor()
+            except (pymysql.Error, OSError) as exc:
+                conn.close()
+                raise _unavailable(exc) from exc
+            try:
+                yield _MysqlTx(cursor)
+                await conn.commit()
+            except BaseException as exc:
+                await _rollback_quietly(conn)
+                if isinstance(exc, pymysql.Error | OSError):
+                    raise _unavailable(exc) from exc
+                raise
+            finally:
+                await cursor.close()
+        finally:
+            self._pool.release(conn)
+
+    @asynccontextmanager
+    async def migration_lock(self) -> AsyncIterator[None]:
+        # A named lock, so replicas starting together migrate one at a time.
+        async with self.transaction() as tx:
+            rows = await tx.fetchall("SELECT GET_LOCK(?, 60)", (_MIGRATION_LOCK,))
+            if not rows or rows[0][0] != 1:
+                raise StoreUnavailable("timed out waiting for another replica's migration")
+            try:
+                yield
+            finally:
+                await tx.fetchall("SELECT RELEASE_LOCK(?)", (_MIGRATION_LOCK,))
+
+    def to_db_time(self, value: datetime) -> datetime:
+        return value
+
+    def from_db_time(self, value: Any) -> datetime:
+        return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+
+    async def _claim_rows(
+        self, tx: Tx, *, worker_id: str, limit: int, until: datetime, now: datetime
+    ) -> list[Row]:
+        rows = await tx.fetchall(
+            f"SELECT {self._CLAIM_COLUMNS} FROM messages FORCE INDEX (idx_status_next_attempt)"
+            " WHERE status = ? AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?"
+            " FOR UPDATE SKIP LOCKED",
+            (MessageStatus.QUEUED.value, now, limit),
+        )
+        if rows:
+            ids = [row[0] for row in rows]
+            await tx.execute(
+                "UPDATE messages SET status = ?, claimed_by = ?, claim_expires_at = ?,"
+                f" processed_at = ? WHERE id IN ({', '.join('?' * len(ids))})",
+                (MessageStatus.PROCESSING.value, worker_id, until, now, *ids),
+            )
+        return rows
+
+
+async def _rollback_quietly(conn: aiomysql.Connection) -> None:
+    try:
+        await conn.rollback()
+    except (pymysql.Error, OSError):
+        conn.close()
+
+
+def _supports_skip_locked(version: str) -> bool:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        return False
+    major, minor = int(match[1]), int(match[2])
+    if "mariadb" in version.lower():
+        return (major, minor) >= (10, 6)
+    return major >= 8
