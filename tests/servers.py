@@ -44,6 +44,11 @@ def _find(*names: str) -> str:
     )
 
 
+def _as_user() -> list[str]:
+    # mariadbd refuses to run as root unless told to; the tests' server is private anyway.
+    return ["--user=root"] if os.geteuid() == 0 else []
+
+
 @dataclass
 class MariaDB:
     """A throwaway MariaDB server; `root` can create a database per test."""
@@ -55,24 +60,37 @@ class MariaDB:
 
     @classmethod
     def start(cls, directory: Path) -> MariaDB:
-        mariadbd = _find("mariadbd", "/usr/sbin/mariadbd", "mysqld", "/usr/sbin/mysqld")
         install = _find("mariadb-install-db", "mysql_install_db")
         data = directory / "data"
         data.mkdir(parents=True)
-        user = ["--user=root"] if os.geteuid() == 0 else []
         subprocess.run(
-            [install, "--no-defaults", f"--datadir={data}", "--auth-root-authentication-method=normal",
-             "--skip-test-db", *user],
+            [install, "--no-defaults", f"--datadir={data}",
+             "--auth-root-authentication-method=normal", "--skip-test-db", *_as_user()],
             check=True,
             capture_output=True,
         )
-        port = free_port()
-        log = open(directory / "mariadb.log", "wb")  # noqa: SIM115 - lives with the server
+        server = cls._launch(directory, free_port())
+        conn = pymysql.connect(unix_socket=str(directory / "mysql.sock"), user="root")
+        with conn.cursor() as cur:
+            cur.execute("CREATE USER 'relay'@'127.0.0.1' IDENTIFIED BY %s", (server.password,))
+            cur.execute("GRANT ALL ON *.* TO 'relay'@'127.0.0.1'")
+        conn.close()
+        return server
+
+    @classmethod
+    def restart(cls, stopped: MariaDB) -> MariaDB:
+        """Start a stopped server again on the same data and port."""
+        return cls._launch(stopped.directory, stopped.port)
+
+    @classmethod
+    def _launch(cls, directory: Path, port: int) -> MariaDB:
+        mariadbd = _find("mariadbd", "/usr/sbin/mariadbd", "mysqld", "/usr/sbin/mysqld")
+        log = open(directory / "mariadb.log", "ab")  # noqa: SIM115 - lives with the server
         process = subprocess.Popen(
             [
                 mariadbd,
                 "--no-defaults",
-                f"--datadir={data}",
+                f"--datadir={directory / 'data'}",
                 f"--socket={directory / 'mysql.sock'}",
                 f"--pid-file={directory / 'mariadb.pid'}",
                 "--bind-address=127.0.0.1",
@@ -82,18 +100,15 @@ class MariaDB:
                 "--innodb-buffer-pool-size=256M",
                 "--innodb-flush-log-at-trx-commit=1",
                 "--max-connections=500",
-                *user,
+                *_as_user(),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        server = cls(directory, port, process)
         deadline = time.monotonic() + 60
         while True:
             try:
-                conn = pymysql.connect(
-                    unix_socket=str(directory / "mysql.sock"), user="root", password=""
-                )
+                pymysql.connect(unix_socket=str(directory / "mysql.sock"), user="root").close()
                 break
             except pymysql.Error:
                 if process.poll() is not None or time.monotonic() > deadline:
@@ -101,13 +116,7 @@ class MariaDB:
                         "MariaDB did not start: " + (directory / "mariadb.log").read_text()[-2000:]
                     ) from None
                 time.sleep(0.2)
-        with conn.cursor() as cur:
-            cur.execute(
-                "CREATE USER 'relay'@'127.0.0.1' IDENTIFIED BY %s", (server.password,)
-            )
-            cur.execute("GRANT ALL ON *.* TO 'relay'@'127.0.0.1'")
-        conn.close()
-        return server
+        return cls(directory, port, process)
 
     def admin(self) -> pymysql.Connection:
         return pymysql.connect(
@@ -129,12 +138,6 @@ class MariaDB:
             self.process.kill()
             self.process.wait()
 
-    def pause(self) -> None:
-        """Make the server unreachable (SIGSTOP), as in a network partition."""
-        self.process.send_signal(19)
-
-    def resume(self) -> None:
-        self.process.send_signal(18)
 
 
 @dataclass

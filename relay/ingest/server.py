@@ -18,6 +18,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from relay.clock import utcnow
 from relay.config import SmtpSettings
 from relay.ids import new_queue_id
+from relay.ingest.addresses import address_problem
 from relay.ingest.trace import protocol_name, received_header, subject_of
 from relay.logs import event
 from relay.queue.model import NewMessage
@@ -173,7 +174,11 @@ class IngestHandler:
             server.hang_up()
             return self.gate.closed_reply or _SHUTDOWN_REPLY
         # "<>" is the null reverse-path of bounces and notifications (RFC 5321 4.5.5).
-        envelope.mail_from = "" if address == "<>" else address
+        if address != "<>" and (problem := address_problem(address)):
+            return f"501 5.1.7 Bad sender address syntax: {problem}"
+        # Kept as "<>" while the transaction runs: aiosmtpd takes an empty sender for "no
+        # MAIL yet". It is stored as the empty string.
+        envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender ok"
 
@@ -185,9 +190,8 @@ class IngestHandler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
-        local, at, domain = address.rpartition("@")
-        if not at or not local or not domain:
-            return "501 5.1.3 Recipient address must be local-part@domain"
+        if problem := address_problem(address):
+            return f"501 5.1.3 Bad recipient address syntax: {problem}"
         if address in envelope.rcpt_tos:
             # A repeated RCPT for the same mailbox is accepted but delivered once.
             return "250 2.1.5 Recipient ok (duplicate ignored)"
@@ -217,7 +221,7 @@ class IngestHandler:
         message = NewMessage(
             id=queue_id,
             workspace_id=self.settings.workspace,
-            from_email=envelope.mail_from or "",
+            from_email="" if envelope.mail_from == "<>" else envelope.mail_from or "",
             recipients=recipients,
             subject=subject_of(original),
             content=trace + original,

@@ -43,7 +43,8 @@ def received_header(
     if len(recipients) == 1 and "\r" not in recipients[0] and "\n" not in recipients[0]:
         lines.append(f"\tfor <{recipients[0]}>; {stamp}")
     else:
-        lines[-1] += f"; {stamp}"
+        lines[-1] += ";"
+        lines.append(f"\t{stamp}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
 
 
