@@ -109,6 +109,6 @@ async def start_relay(
 
 @pytest.fixture
 def smtp_sink(tmp_path: Path) -> Iterator[SmtpSink]:
-    sink = SmtpSink.start(tmp_path / "sink")
+    sink = SmtpSink.start()
     yield sink
     sink.stop()

@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,9 +150,11 @@ class SmtpSink:
     process: subprocess.Popen[bytes]
 
     @classmethod
-    def start(cls, directory: Path, *extra: str) -> SmtpSink:
+    def start(cls, *extra: str) -> SmtpSink:
         binary = _find("smtp-sink", "/usr/sbin/smtp-sink")
-        directory.mkdir(parents=True, exist_ok=True)
+        # smtp-sink drops root privileges to nobody, who must reach the dump directory:
+        # pytest's tmp_path is private to root, so the dumps go to a directory of their own.
+        directory = Path(tempfile.mkdtemp(prefix="smtp-sink-"))
         directory.chmod(0o777)
         port = free_port()
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
@@ -170,6 +173,7 @@ class SmtpSink:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=10)
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 @dataclass

@@ -1,0 +1,210 @@
+"""Delivery end to end: SMTP in, queue, workers, out to a real smarthost (smtp-sink) or outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import smtplib
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from relay.clock import utcnow
+from relay.ids import new_queue_id
+from relay.queue import NewMessage
+from relay.service import RelayService
+from tests.conftest import StartRelay
+from tests.servers import SmtpSink, free_port
+
+
+def smarthost(sink_port: int, **extra: Any) -> dict[str, Any]:
+    return {"type": "smtp", "host": "127.0.0.1", "port": sink_port, "tls": "none", **extra}
+
+
+async def submit(port: int, sender: str, recipients: list[str], body: bytes) -> str:
+    def run() -> str:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.ehlo("app.example")
+            client.mail(sender)
+            for rcpt in recipients:
+                client.rcpt(rcpt)
+            code, reply = client.data(body)
+            assert code == 250, reply
+            return reply.decode().rsplit(" ", 1)[1]
+
+    return await asyncio.to_thread(run)
+
+
+async def wait_for_status(
+    service: RelayService, queue_id: str, statuses: set[str], timeout: float = 20
+) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        found = await service.store.message_status(queue_id)
+        if found is not None and found["status"] in statuses:
+            return found
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{queue_id} still {found and found['status']}")
+        await asyncio.sleep(0.05)
+
+
+async def test_mail_reaches_the_smarthost_and_the_outcome_is_recorded(
+    start_relay: StartRelay, smtp_sink: SmtpSink
+) -> None:
+    service = await start_relay(
+        providers={"smarthost": smarthost(smtp_sink.port)},
+        delivery={"providers": ["smarthost"], "process_interval": "10s"},
+    )
+    body = b"From: clinic@example.org\r\nSubject: Results\r\n\r\nYour results are ready.\r\n"
+    queue_id = await submit(
+        service.smtp_port, "clinic@example.org", ["p1@example.net", "p2@example.net"], body
+    )
+    # Woken by ingest, not by the 10 s poll.
+    found = await wait_for_status(service, queue_id, {"sent"}, timeout=5)
+
+    assert {r["delivery_status"] for r in found["recipients"]} == {"SENT"}
+    assert {r["provider"] for r in found["recipients"]} == {"smarthost"}
+    assert all(r["provider_message_id"] for r in found["recipients"])
+    [dumped] = smtp_sink.messages()
+    assert dumped.mail_from == "clinic@example.org"
+    assert dumped.rcpt_tos == ["p1@example.net", "p2@example.net"]
+    stored = await service.store.load_content(queue_id)
+    assert dumped.content == stored.replace(b"\r\n", b"\n")
+
+
+async def test_transient_refusal_is_retried_with_backoff(
+    start_relay: StartRelay, tmp_path: Path
+) -> None:
+    # smtp-sink answering every RCPT with a 4xx: the message must stay queued for retry.
+    sink = SmtpSink.start("-r", "RCPT")
+    try:
+        service = await start_relay(
+            providers={"smarthost": smarthost(sink.port)},
+            delivery={"providers": ["smarthost"], "min_backoff": "30s", "max_backoff": "1h"},
+        )
+        queue_id = await submit(service.smtp_port, "a@example.org", ["b@example.net"],
+                                b"Subject: x\r\n\r\nx\r\n")
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            found = await service.store.message_status(queue_id)
+            assert found is not None
+            if found["retry_count"] >= 1 or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert found["status"] == "queued"
+        assert found["retry_count"] == 1
+        [recipient] = found["recipients"]
+        assert recipient["delivery_status"] == "DEFERRED"
+        assert recipient["error"].startswith("4")
+        delay = found["next_attempt_at"] - found["processed_at"]
+        assert timedelta(seconds=15) <= delay <= timedelta(seconds=30)
+    finally:
+        sink.stop()
+
+
+async def test_permanent_refusal_fails_at_once_with_the_reason(
+    start_relay: StartRelay, tmp_path: Path
+) -> None:
+    sink = SmtpSink.start("-f", "RCPT")
+    try:
+        service = await start_relay(
+            providers={"smarthost": smarthost(sink.port)},
+            delivery={"providers": ["smarthost"]},
+        )
+        queue_id = await submit(service.smtp_port, "a@example.org", ["b@example.net"],
+                                b"Subject: x\r\n\r\nx\r\n")
+        found = await wait_for_status(service, queue_id, {"failed"})
+        assert found["retry_count"] == 0
+        [recipient] = found["recipients"]
+        assert recipient["delivery_status"] == "FAILED"
+        assert recipient["error"].startswith("5")
+        assert found["error"].startswith("1 recipient(s) failed: 5")
+    finally:
+        sink.stop()
+
+
+async def test_unreachable_smarthost_keeps_mail_queued(start_relay: StartRelay) -> None:
+    service = await start_relay(
+        providers={"smarthost": smarthost(free_port(), timeout="2s")},
+        delivery={"providers": ["smarthost"], "min_backoff": "30s", "max_backoff": "1h"},
+    )
+    queue_id = await submit(service.smtp_port, "a@example.org", ["b@example.net"],
+                            b"Subject: x\r\n\r\nx\r\n")
+    deadline = asyncio.get_running_loop().time() + 10
+    while (found := await service.store.message_status(queue_id)) and found["retry_count"] == 0:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+    assert found["status"] == "queued"
+    assert "cannot connect" in found["error"]
+    assert found["recipients"][0]["delivery_status"] == "DEFERRED"
+
+
+async def test_next_provider_takes_over_when_the_first_is_down(
+    start_relay: StartRelay, tmp_path: Path
+) -> None:
+    service = await start_relay(
+        providers={
+            "smarthost": smarthost(free_port(), timeout="2s"),
+            "outbox": {"type": "outbox", "directory": str(tmp_path / "outbox")},
+        },
+        delivery={"providers": ["smarthost", "outbox"]},
+    )
+    queue_id = await submit(service.smtp_port, "a@example.org", ["b@example.net"],
+                            b"Subject: x\r\n\r\nx\r\n")
+    found = await wait_for_status(service, queue_id, {"sent"})
+    assert found["recipients"][0]["provider"] == "outbox"
+    assert (tmp_path / "outbox" / f"{queue_id}.eml").exists()
+    envelope = json.loads((tmp_path / "outbox" / f"{queue_id}.json").read_text())
+    assert envelope["rcpt_tos"] == ["b@example.net"]
+
+
+async def test_a_dead_workers_claim_is_delivered_after_its_lease(
+    start_relay: StartRelay, tmp_path: Path
+) -> None:
+    service = await start_relay(delivery={"lease": "1s", "process_interval": "0.2s"})
+    await service.engine.stop()
+    message = NewMessage(
+        id=new_queue_id(), workspace_id="default", from_email="a@example.org",
+        recipients=("b@example.net",), subject="x", content=b"Subject: x\r\n\r\nx\r\n",
+        queued_at=utcnow(),
+    )
+    await service.store.enqueue(message)
+    # A worker that claims and then dies without completing or releasing.
+    [claimed] = await service.store.claim(
+        worker_id="dead-worker", limit=1, lease=timedelta(seconds=1), now=utcnow()
+    )
+    assert claimed.id == message.id
+
+    from relay.delivery.engine import DeliveryEngine
+
+    engine = DeliveryEngine(service.store, service.providers, service.settings.delivery)
+    await engine.start()
+    try:
+        found = await wait_for_status(service, message.id, {"sent"}, timeout=15)
+    finally:
+        await engine.stop()
+    assert found["recipients"][0]["delivery_status"] == "SENT"
+    assert len(list((tmp_path / "outbox").glob("*.eml"))) == 1
+
+
+async def test_shutdown_releases_claims_it_did_not_start(start_relay: StartRelay) -> None:
+    service = await start_relay(
+        providers={"smarthost": smarthost(free_port(), timeout="2s")},
+        delivery={"providers": ["smarthost"], "process_interval": "1h", "worker_count": 1},
+    )
+    await service.engine.stop()
+    for _ in range(5):
+        await service.store.enqueue(NewMessage(
+            id=new_queue_id(), workspace_id="default", from_email="a@example.org",
+            recipients=("b@example.net",), subject=None, content=b"\r\nx\r\n",
+            queued_at=utcnow(),
+        ))
+    from relay.delivery.engine import DeliveryEngine
+
+    engine = DeliveryEngine(service.store, service.providers, service.settings.delivery)
+    await engine.start()
+    await asyncio.sleep(0.3)
+    await engine.stop()
+    stats = await service.store.stats(now=utcnow())
+    assert stats.counts.get("processing", 0) == 0
+    assert stats.counts["queued"] == 5
