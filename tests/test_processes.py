@@ -1,0 +1,180 @@
+"""The relay as its users run it: `smtp-relay` processes, several sharing one MariaDB."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from relay.clock import utcnow
+from relay.ids import new_queue_id
+from relay.queue import NewMessage, create_store
+from tests.conftest import mysql_settings, relay_settings
+from tests.servers import MariaDB, free_port, wait_for_port
+
+RELAY = [sys.executable, "-m", "relay.cli"]
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_process(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    return subprocess.Popen(
+        [*RELAY, "--config", str(config), "serve"],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
+    )
+
+
+@pytest.mark.slow
+async def test_two_relays_on_one_mariadb_deliver_a_backlog_exactly_once(
+    mariadb: MariaDB, tmp_path: Path
+) -> None:
+    database = f"relay_{secrets.token_hex(6)}"
+    mariadb.create_database(database)
+    password_file = tmp_path / "db-password"
+    password_file.write_text(mariadb.password + "\n")
+    mysql = {**mysql_settings(mariadb, database), "password_file": str(password_file)}
+    del mysql["password"]
+    queue = {"backend": "mysql", "mysql": mysql}
+
+    store = create_store(relay_settings(tmp_path, queue))
+    await store.open()
+    await store.migrate()
+    backlog = set()
+    for n in range(2000):
+        message = NewMessage(
+            id=new_queue_id(), workspace_id="default", from_email="bulk@example.org",
+            recipients=(f"patient{n}@example.net",), subject=f"reminder {n}",
+            content=f"Subject: reminder {n}\r\n\r\nSee you soon.\r\n".encode(),
+            queued_at=utcnow(),
+        )
+        await store.enqueue(message)
+        backlog.add(message.id)
+
+    processes = []
+    for name in ("a", "b"):
+        config = write_config(tmp_path / f"{name}.yaml", {
+            "smtp": {"port": free_port(), "hostname": f"relay-{name}.test"},
+            "http": {"port": free_port()},
+            "queue": queue,
+            "providers": {"outbox": {"type": "outbox", "directory": str(tmp_path / name)}},
+            "delivery": {"worker_count": 10, "batch_size": 50, "process_interval": "0.5s"},
+        })
+        processes.append(start_process(config, tmp_path / f"{name}.log"))
+    try:
+        deadline = time.monotonic() + 240
+        while (await store.stats(now=utcnow())).counts.get("sent", 0) < 2000:
+            assert time.monotonic() < deadline, (await store.stats(now=utcnow())).counts
+            for process in processes:
+                assert process.poll() is None, (tmp_path / "a.log").read_text()[-3000:]
+            await asyncio.sleep(0.5)
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            assert process.wait(timeout=60) == 0
+    stats = await store.stats(now=utcnow())
+    await store.close()
+
+    delivered = {name: [p.stem for p in (tmp_path / name).glob("*.eml")] for name in "ab"}
+    everything = delivered["a"] + delivered["b"]
+    assert stats.counts == {"sent": 2000}
+    assert len(everything) == 2000, "no message delivered twice"
+    assert set(everything) == backlog, "none left behind"
+    assert delivered["a"] and delivered["b"], "both replicas took part"
+
+
+def test_sigterm_drains_then_exits_cleanly(tmp_path: Path) -> None:
+    smtp_port, http_port = free_port(), free_port()
+    config = write_config(tmp_path / "relay.yaml", {
+        "smtp": {"port": smtp_port, "hostname": "relay.test"},
+        "http": {"port": http_port},
+        "queue": {"sqlite": {"path": str(tmp_path / "queue.db")}},
+        "providers": {"outbox": {"type": "outbox", "directory": str(tmp_path / "outbox")}},
+        "delivery": {"shutdown_grace": "10s"},
+    })
+    process = start_process(config, tmp_path / "relay.log")
+    try:
+        wait_for_port(smtp_port)
+        session = socket.create_connection(("127.0.0.1", smtp_port), timeout=10)
+        reader = session.makefile("rb")
+        reader.readline()
+        session.sendall(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n")
+        replies = [reader.readline() for _ in range(9)]
+        assert replies[-1].startswith(b"250 2.1.5"), replies
+
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with socket.create_connection(("127.0.0.1", smtp_port), timeout=10) as late:
+            assert late.recv(200).startswith(b"421 4.3.2")
+
+        session.sendall(b"DATA\r\n")
+        assert reader.readline().startswith(b"354")
+        session.sendall(b"Subject: during shutdown\r\n\r\nstill accepted\r\n.\r\n")
+        assert reader.readline().startswith(b"250 2.0.0 Ok: queued as")
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = (tmp_path / "relay.log").read_text()
+    assert '"event": "relay.stopped"' in log
+    assert len(list((tmp_path / "outbox").glob("*.eml"))) == 1
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    return subprocess.run(
+        [*RELAY, *args], capture_output=True, text=True, env={**clean, **(env or {})},
+        timeout=60,
+    )
+
+
+def test_every_command_has_help() -> None:
+    for command in ([], ["serve"], ["db", "migrate"], ["queue", "status"], ["queue", "show"],
+                    ["config", "check"]):
+        result = run_cli(*command, "--help")
+        assert result.returncode == 0, result.stderr
+        assert "usage: smtp-relay" in result.stdout
+
+
+def test_db_migrate_and_queue_status(tmp_path: Path) -> None:
+    env = {"RELAY_QUEUE__SQLITE__PATH": str(tmp_path / "q.db")}
+    first = run_cli("db", "migrate", env=env)
+    assert first.returncode == 0 and "applied migrations 1" in first.stdout
+    again = run_cli("db", "migrate", env=env)
+    assert again.returncode == 0 and "up to date at version 1" in again.stdout
+    status = run_cli("queue", "status", "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["counts"]["queued"] == 0 and report["oldest_queued_age_seconds"] is None
+
+
+def test_a_bad_config_file_stops_startup_naming_the_key(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "bad.yaml", {"delivery": {"worker_count": 0}})
+    result = run_cli("--config", str(config), "serve")
+    assert result.returncode == 2
+    assert "delivery.worker_count" in result.stderr
+    assert "greater than or equal to 1" in result.stderr
+
+
+def test_an_unreachable_database_stops_startup_with_a_clear_error(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", {"queue": {"backend": "mysql", "mysql": {
+        "port": free_port(), "password": "hunter2-secret", "connect_timeout": "1s"}}})
+    result = run_cli("--config", str(config), "db", "migrate")
+    assert result.returncode == 1
+    assert "MySQL queue unavailable" in result.stderr
+    assert "hunter2-secret" not in result.stderr + result.stdout
