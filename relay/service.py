@@ -62,8 +62,12 @@ class RelayService:
         if self.settings.http.enabled:
             await self._start_http()
         await self.ingest.start()
-        event(log, "relay.started", backend=self.store.backend,
-              providers=",".join(self.settings.delivery.providers))
+        event(
+            log,
+            "relay.started",
+            backend=self.store.backend,
+            providers=",".join(self.settings.delivery.providers),
+        )
 
     async def _start_http(self) -> None:
         app = create_app(Probes(database_ping=self.store.ping, accepting=lambda: self.gate.open))

@@ -37,9 +37,7 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def queue_settings(
-    request: pytest.FixtureRequest, backend: str, tmp_path: Path
-) -> dict[str, Any]:
+def queue_settings(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> dict[str, Any]:
     """A fresh, empty queue database for one test, on the parametrised backend."""
     if backend == "sqlite":
         return {"backend": "sqlite", "sqlite": {"path": str(tmp_path / "queue.db")}}
@@ -89,9 +87,7 @@ StartRelay = Callable[..., Awaitable[RelayService]]
 
 
 @pytest.fixture
-async def start_relay(
-    queue_settings: dict[str, Any], tmp_path: Path
-) -> AsyncIterator[StartRelay]:
+async def start_relay(queue_settings: dict[str, Any], tmp_path: Path) -> AsyncIterator[StartRelay]:
     """Start in-process relays on free ports; each is stopped at the end of the test."""
     started: list[RelayService] = []
 

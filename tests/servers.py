@@ -65,8 +65,14 @@ class MariaDB:
         data = directory / "data"
         data.mkdir(parents=True)
         subprocess.run(
-            [install, "--no-defaults", f"--datadir={data}",
-             "--auth-root-authentication-method=normal", "--skip-test-db", *_as_user()],
+            [
+                install,
+                "--no-defaults",
+                f"--datadir={data}",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+                *_as_user(),
+            ],
             check=True,
             capture_output=True,
         )
@@ -86,7 +92,7 @@ class MariaDB:
     @classmethod
     def _launch(cls, directory: Path, port: int) -> MariaDB:
         mariadbd = _find("mariadbd", "/usr/sbin/mariadbd", "mysqld", "/usr/sbin/mysqld")
-        log = open(directory / "mariadb.log", "ab")  # noqa: SIM115 - lives with the server
+        log = open(directory / "mariadb.log", "ab")
         process = subprocess.Popen(
             [
                 mariadbd,
@@ -121,7 +127,10 @@ class MariaDB:
 
     def admin(self) -> pymysql.Connection:
         return pymysql.connect(
-            host="127.0.0.1", port=self.port, user="relay", password=self.password,
+            host="127.0.0.1",
+            port=self.port,
+            user="relay",
+            password=self.password,
             autocommit=True,
         )
 
@@ -138,7 +147,6 @@ class MariaDB:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-
 
 
 @dataclass
@@ -159,8 +167,7 @@ class SmtpSink:
         port = free_port()
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
         process = subprocess.Popen(
-            [binary, *user, "-d", f"{directory}/%Y%m%d%H%M%S.", *extra,
-             f"127.0.0.1:{port}", "100"],
+            [binary, *user, "-d", f"{directory}/%Y%m%d%H%M%S.", *extra, f"127.0.0.1:{port}", "100"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -77,9 +77,7 @@ def test_unreadable_or_invalid_files_are_reported(tmp_path: Path) -> None:
 
 def test_secrets_do_not_appear_in_errors_or_reprs(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text(
-        "queue:\n  mysql:\n    password: s3cret-db-pass\n    port: not-a-port\n"
-    )
+    path.write_text("queue:\n  mysql:\n    password: s3cret-db-pass\n    port: not-a-port\n")
     with pytest.raises(ConfigError) as caught:
         load_settings(path)
     assert "s3cret-db-pass" not in str(caught.value)

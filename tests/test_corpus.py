@@ -82,8 +82,9 @@ async def test_corpus_arrives_byte_identical_at_the_smarthost(
     start_relay: StartRelay, smtp_sink: SmtpSink
 ) -> None:
     service = await start_relay(
-        providers={"sink": {"type": "smtp", "host": "127.0.0.1", "port": smtp_sink.port,
-                            "tls": "none"}},
+        providers={
+            "sink": {"type": "smtp", "host": "127.0.0.1", "port": smtp_sink.port, "tls": "none"}
+        },
         delivery={"providers": ["sink"]},
     )
     sent = await send_corpus(service)

@@ -82,8 +82,9 @@ async def test_transient_refusal_is_retried_with_backoff(
             providers={"smarthost": smarthost(sink.port)},
             delivery={"providers": ["smarthost"], "min_backoff": "30s", "max_backoff": "1h"},
         )
-        queue_id = await submit(service.smtp_port, "a@example.org", ["b@example.net"],
-                                b"Subject: x\r\n\r\nx\r\n")
+        queue_id = await submit(
+            service.smtp_port, "a@example.org", ["b@example.net"], b"Subject: x\r\n\r\nx\r\n"
+        )
         deadline = asyncio.get_running_loop().time() + 10
         while True:
             found = await service.store.message_status(queue_id)
@@ -111,8 +112,9 @@ async def test_permanent_refusal_fails_at_once_with_the_reason(
             providers={"smarthost": smarthost(sink.port)},
             delivery={"providers": ["smarthost"]},
         )
-        queue_id = await submit(service.smtp_port, "a@example.org", ["b@example.net"],
-                                b"Subject: x\r\n\r\nx\r\n")
+        queue_id = await submit(
+            service.smtp_port, "a@example.org", ["b@example.net"], b"Subject: x\r\n\r\nx\r\n"
+        )
         found = await wait_for_status(service, queue_id, {"failed"})
         assert found["retry_count"] == 0
         [recipient] = found["recipients"]
@@ -128,8 +130,9 @@ async def test_unreachable_smarthost_keeps_mail_queued(start_relay: StartRelay) 
         providers={"smarthost": smarthost(free_port(), timeout="2s")},
         delivery={"providers": ["smarthost"], "min_backoff": "30s", "max_backoff": "1h"},
     )
-    queue_id = await submit(service.smtp_port, "a@example.org", ["b@example.net"],
-                            b"Subject: x\r\n\r\nx\r\n")
+    queue_id = await submit(
+        service.smtp_port, "a@example.org", ["b@example.net"], b"Subject: x\r\n\r\nx\r\n"
+    )
     deadline = asyncio.get_running_loop().time() + 10
     while (found := await service.store.message_status(queue_id)) and found["retry_count"] == 0:
         assert asyncio.get_running_loop().time() < deadline
@@ -149,8 +152,9 @@ async def test_next_provider_takes_over_when_the_first_is_down(
         },
         delivery={"providers": ["smarthost", "outbox"]},
     )
-    queue_id = await submit(service.smtp_port, "a@example.org", ["b@example.net"],
-                            b"Subject: x\r\n\r\nx\r\n")
+    queue_id = await submit(
+        service.smtp_port, "a@example.org", ["b@example.net"], b"Subject: x\r\n\r\nx\r\n"
+    )
     found = await wait_for_status(service, queue_id, {"sent"})
     assert found["recipients"][0]["provider"] == "outbox"
     assert (tmp_path / "outbox" / f"{queue_id}.eml").exists()
@@ -164,8 +168,12 @@ async def test_a_dead_workers_claim_is_delivered_after_its_lease(
     service = await start_relay(delivery={"lease": "1s", "process_interval": "0.2s"})
     await service.engine.stop()
     message = NewMessage(
-        id=new_queue_id(), workspace_id="default", from_email="a@example.org",
-        recipients=("b@example.net",), subject="x", content=b"Subject: x\r\n\r\nx\r\n",
+        id=new_queue_id(),
+        workspace_id="default",
+        from_email="a@example.org",
+        recipients=("b@example.net",),
+        subject="x",
+        content=b"Subject: x\r\n\r\nx\r\n",
         queued_at=utcnow(),
     )
     await service.store.enqueue(message)
@@ -194,11 +202,17 @@ async def test_shutdown_releases_claims_it_did_not_start(start_relay: StartRelay
     )
     await service.engine.stop()
     for _ in range(5):
-        await service.store.enqueue(NewMessage(
-            id=new_queue_id(), workspace_id="default", from_email="a@example.org",
-            recipients=("b@example.net",), subject=None, content=b"\r\nx\r\n",
-            queued_at=utcnow(),
-        ))
+        await service.store.enqueue(
+            NewMessage(
+                id=new_queue_id(),
+                workspace_id="default",
+                from_email="a@example.org",
+                recipients=("b@example.net",),
+                subject=None,
+                content=b"\r\nx\r\n",
+                queued_at=utcnow(),
+            )
+        )
     from relay.delivery.engine import DeliveryEngine
 
     engine = DeliveryEngine(service.store, service.providers, service.settings.delivery)

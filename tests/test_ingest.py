@@ -95,8 +95,9 @@ async def test_ehlo_advertises_the_extensions(start_relay: StartRelay) -> None:
 async def test_oversize_message_is_refused_with_552_and_nothing_queued(
     start_relay: StartRelay,
 ) -> None:
-    service = await start_relay(smtp={"port": 0, "hostname": "relay.test",
-                                      "max_message_size": 10_000}, **PAUSED)
+    service = await start_relay(
+        smtp={"port": 0, "hostname": "relay.test", "max_message_size": 10_000}, **PAUSED
+    )
     await service.engine.stop()
 
     def declared(client: smtplib.SMTP) -> tuple[int, bytes]:
@@ -137,10 +138,19 @@ async def test_unknown_and_out_of_order_commands_get_the_right_codes(
     codes = [line[:4] for line in replies if line and line[3] == " "]
     # greeting, EHLO, BOGUS, DATA (no RCPT), RCPT (no MAIL), bad MAIL, MAIL, bad RCPT, DATA, QUIT
     assert codes == [
-        "220 ", "250 ", "500 ", "503 ", "503 ", "501 ", "250 ", "501 ", "503 ", "221 ",
+        "220 ",
+        "250 ",
+        "500 ",
+        "503 ",
+        "503 ",
+        "501 ",
+        "250 ",
+        "501 ",
+        "503 ",
+        "221 ",
     ], replies
     # Every reply after EHLO carries an RFC 2034 enhanced status code.
-    for line in replies[replies.index("250 HELP") + 1:]:
+    for line in replies[replies.index("250 HELP") + 1 :]:
         if line:
             assert re.match(r"^\d{3} [245]\.\d+\.\d+ ", line), line
     assert (await service.store.stats(now=utcnow())).counts == {}
@@ -148,7 +158,7 @@ async def test_unknown_and_out_of_order_commands_get_the_right_codes(
 
 async def test_connection_dropped_mid_data_queues_nothing(start_relay: StartRelay) -> None:
     service = await paused_relay(start_relay)
-    reader, writer = await asyncio.open_connection("127.0.0.1", service.smtp_port)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", service.smtp_port)
     writer.write(
         b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
         b"Subject: half\r\n\r\nthe first half of a message\r\n"
@@ -237,8 +247,10 @@ async def test_database_down_answers_451_and_recovers(
         server.create_database("relay")
         settings = relay_settings(
             tmp_path,
-            {"backend": "mysql", "mysql": {**mysql_settings(server, "relay"),
-                                           "connect_timeout": "1s"}},
+            {
+                "backend": "mysql",
+                "mysql": {**mysql_settings(server, "relay"), "connect_timeout": "1s"},
+            },
             **PAUSED,
         )
         service = RelayService(settings)
@@ -264,8 +276,9 @@ async def test_database_down_answers_451_and_recovers(
     # Nothing was written: start the server again on the same data and look.
     restarted = MariaDB.restart(server)
     try:
-        store = create_store(Settings(queue={"backend": "mysql",
-                                             "mysql": mysql_settings(restarted, "relay")}))
+        store = create_store(
+            Settings(queue={"backend": "mysql", "mysql": mysql_settings(restarted, "relay")})
+        )
         await store.open()
         assert (await store.stats(now=utcnow())).counts == {}
         await store.close()
@@ -290,11 +303,27 @@ async def test_swaks_submits_mail(start_relay: StartRelay) -> None:
     service = await paused_relay(start_relay)
     result = await asyncio.to_thread(
         subprocess.run,
-        [swaks, "--server", "127.0.0.1", "--port", str(service.smtp_port),
-         "--from", "swaks@example.org", "--to", "patient@example.net",
-         "--helo", "swaks.example", "--header", "Subject: swaks test", "--body", "hello",
-         "--pipeline"],
-        capture_output=True, text=True, timeout=30,
+        [
+            swaks,
+            "--server",
+            "127.0.0.1",
+            "--port",
+            str(service.smtp_port),
+            "--from",
+            "swaks@example.org",
+            "--to",
+            "patient@example.net",
+            "--helo",
+            "swaks.example",
+            "--header",
+            "Subject: swaks test",
+            "--body",
+            "hello",
+            "--pipeline",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     queue_id = re.search(r"<-\s+250 2\.0\.0 Ok: queued as (\w+)", result.stdout)

@@ -35,7 +35,9 @@ def start_process(config: Path, log: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     return subprocess.Popen(
         [*RELAY, "--config", str(config), "serve"],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
     )
 
 
@@ -57,8 +59,11 @@ async def test_two_relays_on_one_mariadb_deliver_a_backlog_exactly_once(
     backlog = set()
     for n in range(2000):
         message = NewMessage(
-            id=new_queue_id(), workspace_id="default", from_email="bulk@example.org",
-            recipients=(f"patient{n}@example.net",), subject=f"reminder {n}",
+            id=new_queue_id(),
+            workspace_id="default",
+            from_email="bulk@example.org",
+            recipients=(f"patient{n}@example.net",),
+            subject=f"reminder {n}",
             content=f"Subject: reminder {n}\r\n\r\nSee you soon.\r\n".encode(),
             queued_at=utcnow(),
         )
@@ -67,13 +72,16 @@ async def test_two_relays_on_one_mariadb_deliver_a_backlog_exactly_once(
 
     processes = []
     for name in ("a", "b"):
-        config = write_config(tmp_path / f"{name}.yaml", {
-            "smtp": {"port": free_port(), "hostname": f"relay-{name}.test"},
-            "http": {"port": free_port()},
-            "queue": queue,
-            "providers": {"outbox": {"type": "outbox", "directory": str(tmp_path / name)}},
-            "delivery": {"worker_count": 10, "batch_size": 50, "process_interval": "0.5s"},
-        })
+        config = write_config(
+            tmp_path / f"{name}.yaml",
+            {
+                "smtp": {"port": free_port(), "hostname": f"relay-{name}.test"},
+                "http": {"port": free_port()},
+                "queue": queue,
+                "providers": {"outbox": {"type": "outbox", "directory": str(tmp_path / name)}},
+                "delivery": {"worker_count": 10, "batch_size": 50, "process_interval": "0.5s"},
+            },
+        )
         processes.append(start_process(config, tmp_path / f"{name}.log"))
     try:
         deadline = time.monotonic() + 240
@@ -100,13 +108,16 @@ async def test_two_relays_on_one_mariadb_deliver_a_backlog_exactly_once(
 
 def test_sigterm_drains_then_exits_cleanly(tmp_path: Path) -> None:
     smtp_port, http_port = free_port(), free_port()
-    config = write_config(tmp_path / "relay.yaml", {
-        "smtp": {"port": smtp_port, "hostname": "relay.test"},
-        "http": {"port": http_port},
-        "queue": {"sqlite": {"path": str(tmp_path / "queue.db")}},
-        "providers": {"outbox": {"type": "outbox", "directory": str(tmp_path / "outbox")}},
-        "delivery": {"shutdown_grace": "10s"},
-    })
+    config = write_config(
+        tmp_path / "relay.yaml",
+        {
+            "smtp": {"port": smtp_port, "hostname": "relay.test"},
+            "http": {"port": http_port},
+            "queue": {"sqlite": {"path": str(tmp_path / "queue.db")}},
+            "providers": {"outbox": {"type": "outbox", "directory": str(tmp_path / "outbox")}},
+            "delivery": {"shutdown_grace": "10s"},
+        },
+    )
     process = start_process(config, tmp_path / "relay.log")
     try:
         wait_for_port(smtp_port)
@@ -138,14 +149,23 @@ def test_sigterm_drains_then_exits_cleanly(tmp_path: Path) -> None:
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     return subprocess.run(
-        [*RELAY, *args], capture_output=True, text=True, env={**clean, **(env or {})},
+        [*RELAY, *args],
+        capture_output=True,
+        text=True,
+        env={**clean, **(env or {})},
         timeout=60,
     )
 
 
 def test_every_command_has_help() -> None:
-    for command in ([], ["serve"], ["db", "migrate"], ["queue", "status"], ["queue", "show"],
-                    ["config", "check"]):
+    for command in (
+        [],
+        ["serve"],
+        ["db", "migrate"],
+        ["queue", "status"],
+        ["queue", "show"],
+        ["config", "check"],
+    ):
         result = run_cli(*command, "--help")
         assert result.returncode == 0, result.stderr
         assert "usage: smtp-relay" in result.stdout
@@ -172,8 +192,19 @@ def test_a_bad_config_file_stops_startup_naming_the_key(tmp_path: Path) -> None:
 
 
 def test_an_unreachable_database_stops_startup_with_a_clear_error(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "c.yaml", {"queue": {"backend": "mysql", "mysql": {
-        "port": free_port(), "password": "hunter2-secret", "connect_timeout": "1s"}}})
+    config = write_config(
+        tmp_path / "c.yaml",
+        {
+            "queue": {
+                "backend": "mysql",
+                "mysql": {
+                    "port": free_port(),
+                    "password": "hunter2-secret",
+                    "connect_timeout": "1s",
+                },
+            }
+        },
+    )
     result = run_cli("--config", str(config), "db", "migrate")
     assert result.returncode == 1
     assert "MySQL queue unavailable" in result.stderr

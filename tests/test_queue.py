@@ -201,9 +201,12 @@ async def test_renew_extends_only_the_holders_leases(store: SqlStore) -> None:
     now = utcnow()
     await store.claim(worker_id="w", limit=1, lease=timedelta(seconds=1), now=now)
     assert await store.renew(worker_id="other", message_ids=[message.id], until=now) == 0
-    assert await store.renew(
-        worker_id="w", message_ids=[message.id], until=now + timedelta(minutes=10)
-    ) == 1
+    assert (
+        await store.renew(
+            worker_id="w", message_ids=[message.id], until=now + timedelta(minutes=10)
+        )
+        == 1
+    )
     assert await store.requeue_expired(now=now + timedelta(minutes=5)) == 0
 
 

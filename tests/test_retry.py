@@ -15,8 +15,13 @@ POLICY = RetryPolicy(timedelta(minutes=1), timedelta(hours=1), timedelta(days=5)
 
 def message(*addresses: str, retry_count: int = 0, age: timedelta = timedelta()) -> ClaimedMessage:
     return ClaimedMessage(
-        id="M", workspace_id="default", from_email="a@example.org", retry_count=retry_count,
-        queued_at=NOW - age, size_bytes=10, mail_options=(),
+        id="M",
+        workspace_id="default",
+        from_email="a@example.org",
+        retry_count=retry_count,
+        queued_at=NOW - age,
+        size_bytes=10,
+        mail_options=(),
         recipients=tuple(PendingRecipient(n, a) for n, a in enumerate(addresses, 1)),
     )
 
@@ -38,9 +43,12 @@ def test_backoff_doubles_is_capped_and_jittered() -> None:
 
 
 def test_all_delivered_is_sent() -> None:
-    result = decide(message("x", "y"), [attempt("p", (1, Outcome.DELIVERED, ""),
-                                               (2, Outcome.DELIVERED, ""))],
-                    policy=POLICY, now=NOW)
+    result = decide(
+        message("x", "y"),
+        [attempt("p", (1, Outcome.DELIVERED, ""), (2, Outcome.DELIVERED, ""))],
+        policy=POLICY,
+        now=NOW,
+    )
     assert result.status is MessageStatus.SENT
     assert [u.status for u in result.recipients] == [DeliveryStatus.SENT] * 2
     assert all(u.sent_at == NOW and u.provider == "p" for u in result.recipients)
@@ -50,7 +58,9 @@ def test_transient_failure_defers_only_that_recipient() -> None:
     result = decide(
         message("x", "y", retry_count=2),
         [attempt("p", (1, Outcome.DELIVERED, ""), (2, Outcome.TRANSIENT, "451 later"))],
-        policy=POLICY, now=NOW, rng=random.Random(1),
+        policy=POLICY,
+        now=NOW,
+        rng=random.Random(1),
     )
     assert result.status is MessageStatus.QUEUED
     assert result.retry_count == 3
@@ -61,8 +71,12 @@ def test_transient_failure_defers_only_that_recipient() -> None:
 
 
 def test_permanent_failure_fails_without_retry() -> None:
-    result = decide(message("x"), [attempt("p", (1, Outcome.PERMANENT, "550 unknown user"))],
-                    policy=POLICY, now=NOW)
+    result = decide(
+        message("x"),
+        [attempt("p", (1, Outcome.PERMANENT, "550 unknown user"))],
+        policy=POLICY,
+        now=NOW,
+    )
     assert result.status is MessageStatus.FAILED
     assert result.next_attempt_at is None
     assert result.recipients[0].error == "550 unknown user"
@@ -71,24 +85,31 @@ def test_permanent_failure_fails_without_retry() -> None:
 def test_a_later_providers_answer_replaces_an_earlier_transient_one() -> None:
     result = decide(
         message("x"),
-        [attempt("primary", (1, Outcome.TRANSIENT, "503")),
-         attempt("backup", (1, Outcome.DELIVERED, ""))],
-        policy=POLICY, now=NOW,
+        [
+            attempt("primary", (1, Outcome.TRANSIENT, "503")),
+            attempt("backup", (1, Outcome.DELIVERED, "")),
+        ],
+        policy=POLICY,
+        now=NOW,
     )
     assert result.status is MessageStatus.SENT
     assert result.recipients[0].provider == "backup"
 
 
 def test_no_provider_answer_is_transient_with_the_provider_errors() -> None:
-    result = decide(message("x"), [], policy=POLICY, now=NOW,
-                    provider_error="smarthost: cannot connect")
+    result = decide(
+        message("x"), [], policy=POLICY, now=NOW, provider_error="smarthost: cannot connect"
+    )
     assert result.status is MessageStatus.QUEUED
     assert result.recipients[0].error == "smarthost: cannot connect"
 
 
 def test_transient_failures_past_max_age_fail_for_good() -> None:
-    result = decide(message("x", age=timedelta(days=5, seconds=1)),
-                    [attempt("p", (1, Outcome.TRANSIENT, "451 later"))],
-                    policy=POLICY, now=NOW)
+    result = decide(
+        message("x", age=timedelta(days=5, seconds=1)),
+        [attempt("p", (1, Outcome.TRANSIENT, "451 later"))],
+        policy=POLICY,
+        now=NOW,
+    )
     assert result.status is MessageStatus.FAILED
     assert result.recipients[0].error.startswith("gave up after 5 days")  # type: ignore[union-attr]

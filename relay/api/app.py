@@ -36,7 +36,7 @@ def create_app(probes: Probes) -> FastAPI:
         try:
             await asyncio.wait_for(probes.database_ping(), timeout=_PING_TIMEOUT_S)
             checks["database"] = "ok"
-        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        except Exception as exc:
             checks["database"] = f"unavailable: {exc.__class__.__name__}"
         ready = checks["smtp"] == "accepting" and checks["database"] == "ok"
         return JSONResponse(

@@ -116,8 +116,13 @@ class DeliveryEngine:
         try:
             count = await self.store.release(worker_id=self.worker_id, message_ids=message_ids)
         except StoreUnavailable as exc:
-            event(log, "delivery.release_failed", logging.WARNING, error=str(exc),
-                  count=len(message_ids))
+            event(
+                log,
+                "delivery.release_failed",
+                logging.WARNING,
+                error=str(exc),
+                count=len(message_ids),
+            )
             return
         self._held.difference_update(message_ids)
         event(log, "delivery.released", count=count)
@@ -194,8 +199,13 @@ class DeliveryEngine:
                 await self.deliver(message)
             except StoreUnavailable as exc:
                 # The lease will expire and the message will be tried again; nothing is lost.
-                event(log, "delivery.store_failed", logging.ERROR, message_id=message.id,
-                      error=str(exc))
+                event(
+                    log,
+                    "delivery.store_failed",
+                    logging.ERROR,
+                    message_id=message.id,
+                    error=str(exc),
+                )
             except Exception:
                 log.exception("delivery.crashed", extra={"message_id": message.id})
             finally:
@@ -233,7 +243,8 @@ class DeliveryEngine:
             attempts.append(ProviderAttempt(name, outcome))
             # Recipients the provider could not place now go to the next provider at once.
             remaining = [
-                r for r in remaining
+                r
+                for r in remaining
                 if r.row_id not in outcome or outcome[r.row_id].outcome is Outcome.TRANSIENT
             ]
 

@@ -101,9 +101,7 @@ def decide(
             pending += 1
             errors.append(detail)
             updates.append(
-                RecipientUpdate(
-                    recipient.row_id, DeliveryStatus.DEFERRED, detail, provider or None
-                )
+                RecipientUpdate(recipient.row_id, DeliveryStatus.DEFERRED, detail, provider or None)
             )
 
     if pending:

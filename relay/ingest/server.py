@@ -29,10 +29,26 @@ log = logging.getLogger("relay.ingest")
 # RFC 2034 enhanced status codes for the replies aiosmtpd writes itself; our own replies
 # carry theirs already.
 _ENHANCED = {
-    "221": "2.0.0", "235": "2.7.0", "250": "2.0.0", "421": "4.3.0", "450": "4.2.0",
-    "451": "4.3.0", "452": "4.5.3", "500": "5.5.2", "501": "5.5.4", "502": "5.5.1",
-    "503": "5.5.1", "504": "5.5.4", "530": "5.7.0", "535": "5.7.8", "538": "5.7.11",
-    "550": "5.0.0", "552": "5.3.4", "553": "5.1.3", "554": "5.3.0", "555": "5.5.4",
+    "221": "2.0.0",
+    "235": "2.7.0",
+    "250": "2.0.0",
+    "421": "4.3.0",
+    "450": "4.2.0",
+    "451": "4.3.0",
+    "452": "4.5.3",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "535": "5.7.8",
+    "538": "5.7.11",
+    "550": "5.0.0",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.3.0",
+    "555": "5.5.4",
 }
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?:\s|$)")
 _SHUTDOWN_REPLY = "421 4.3.2 Service shutting down, try another server"
@@ -125,8 +141,11 @@ def _with_enhanced_code(status: str) -> str:
     fixed = []
     for line in lines:
         code = line[:3]
-        if code in _ENHANCED and len(line) > 3 and line[3] in " -" and not (
-            _HAS_ENHANCED.match(line)
+        if (
+            code in _ENHANCED
+            and len(line) > 3
+            and line[3] in " -"
+            and not (_HAS_ENHANCED.match(line))
         ):
             line = f"{code}{line[3]}{_ENHANCED[code]} {line[4:]}"
         fixed.append(line)
@@ -231,9 +250,14 @@ class IngestHandler:
         )
         try:
             await self.store.enqueue(message)
-        except Exception as exc:  # noqa: BLE001 - any failure to commit means "not accepted"
-            event(log, "smtp.enqueue_failed", logging.ERROR, queue_id=queue_id,
-                  error=f"{exc.__class__.__name__}: {exc}"[:500])
+        except Exception as exc:
+            event(
+                log,
+                "smtp.enqueue_failed",
+                logging.ERROR,
+                queue_id=queue_id,
+                error=f"{exc.__class__.__name__}: {exc}"[:500],
+            )
             return "451 4.3.0 Queue temporarily unavailable, try again later"
         self.on_queued()
         event(

@@ -55,7 +55,7 @@ def subject_of(content: bytes, limit: int = 998) -> str | None:
     try:
         headers = BytesHeaderParser(policy=policy.default).parsebytes(head)
         subject = headers.get("subject")
-    except Exception:  # noqa: BLE001 - a malformed header never blocks acceptance
+    except Exception:
         return None
     if subject is None:
         return None

@@ -83,8 +83,7 @@ class MysqlStore(SqlStore):
                 autocommit=False,
                 charset="utf8mb4",
                 init_command=(
-                    "SET SESSION time_zone = '+00:00',"
-                    " SESSION tx_isolation = 'READ-COMMITTED'"
+                    "SET SESSION time_zone = '+00:00', SESSION tx_isolation = 'READ-COMMITTED'"
                 ),
             )
         except (pymysql.Error, OSError) as exc:

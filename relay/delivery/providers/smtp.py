@@ -123,7 +123,9 @@ class SmtpProvider:
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             raise ProviderError(f"{self.name}: {_brief(exc)}") from exc
         return [
-            RecipientResult(address, _classify(refused[address].code), _reply_text(refused[address]))
+            RecipientResult(
+                address, _classify(refused[address].code), _reply_text(refused[address])
+            )
             if address in refused
             else RecipientResult(address, Outcome.DELIVERED, reply, _queue_id_from(reply))
             for address in envelope.rcpt_tos
