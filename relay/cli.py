@@ -128,9 +128,10 @@ async def _status(store: SqlStore, *, as_json: bool) -> int:
     now = utcnow()
     stats = await store.stats(now=now)
     age = (now - stats.oldest_queued_at).total_seconds() if stats.oldest_queued_at else None
+    counts = {s: stats.counts.get(s, 0) for s in _STATUSES}
     report = {
         "backend": store.backend,
-        "counts": {s: stats.counts.get(s, 0) for s in _STATUSES},
+        "counts": counts,
         "depth": stats.depth(),
         "deferred": stats.deferred,
         "due": stats.due,
@@ -141,7 +142,7 @@ async def _status(store: SqlStore, *, as_json: bool) -> int:
         return 0
     print(f"queue ({store.backend})")
     for status_name in _STATUSES:
-        print(f"  {status_name:<11} {report['counts'][status_name]:>9}")
+        print(f"  {status_name:<11} {counts[status_name]:>9}")
     print(f"  {'deferred':<11} {stats.deferred:>9}  (queued, waiting for a retry)")
     print(f"  oldest queued: {_age(age)}")
     return 0

@@ -91,3 +91,30 @@ def test_password_file_is_read_without_its_newline(tmp_path: Path) -> None:
     secret.write_text("from-a-secret\n")
     settings = Settings(queue={"mysql": {"password_file": str(secret)}})
     assert settings.queue.mysql.resolved_password() == "from-a-secret"
+
+
+def _leaf_keys(model: type, prefix: str = "") -> list[str]:
+    from pydantic import BaseModel
+
+    keys = []
+    for name, field in model.model_fields.items():  # type: ignore[attr-defined]
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys += _leaf_keys(annotation, f"{prefix}{name}.")
+        elif name != "providers" or prefix:
+            keys.append(prefix + name)
+    return keys
+
+
+def test_the_readme_documents_every_setting() -> None:
+    from relay import config
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [key for key in _leaf_keys(Settings) if f"`{key}`" not in readme]
+    for provider_model in (config.OutboxProviderSettings, config.SmtpProviderSettings):
+        missing += [
+            f"providers.<name>.{key}"
+            for key in _leaf_keys(provider_model)
+            if f"`providers.<name>.{key}`" not in readme
+        ]
+    assert not missing, f"README.md configuration table lacks {missing}"

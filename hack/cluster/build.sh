@@ -10,6 +10,7 @@
 #
 # Usage: hack/cluster/build.sh          build what is missing
 #        hack/cluster/build.sh --path   print the PATH entries (after building)
+# Env:   RELAY_TOOLS_CACHE, RELAY_TOOLS_THROWAWAY_GOCACHE=1 (see below)
 # Needs only the Go toolchain (>= 1.26) and the Go module proxy.
 set -euo pipefail
 
@@ -33,7 +34,10 @@ if command -v flock >/dev/null 2>&1; then
 fi
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/relay-tools-build.XXXXXX")
-trap 'rm -rf "${TMP}"' EXIT
+trap 'chmod -R u+w "${TMP}" 2>/dev/null; rm -rf "${TMP}"' EXIT
+# A cold build fills the Go build cache with ~5.6 GiB; set
+# RELAY_TOOLS_THROWAWAY_GOCACHE=1 to use a temporary one that is deleted afterwards.
+if [[ "${RELAY_TOOLS_THROWAWAY_GOCACHE:-0}" == 1 ]]; then export GOCACHE=${TMP}/gocache; fi
 
 # missing DIR NAME... -> prints the names whose binary is absent from DIR
 missing() {

@@ -1,4 +1,4 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034  # variables are used by the scripts that source this
 # Shared settings for hack/cluster/{build,up,down,env}.sh. Source, don't run.
 #
 # Pinned tool versions. Bumping one changes its cache key, so build.sh rebuilds

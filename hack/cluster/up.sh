@@ -29,6 +29,8 @@ export PATH=${RELAY_TOOLS_PATH}:${PATH}
 export KWOK_WORKDIR=${RELAY_CLUSTER_DIR}/kwok
 mkdir -p "${KWOK_WORKDIR}"
 CONFIG=${RELAY_CLUSTER_DIR}/kwokctl.yaml
+# Keep kubectl's discovery cache out of ~/.kube.
+export KUBECACHEDIR=${RELAY_CLUSTER_DIR}/kube-cache
 KUBECTL=(kubectl --kubeconfig "${RELAY_KUBECONFIG}")
 
 # Every binary kwokctl could start is a local file; the options that would

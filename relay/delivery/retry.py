@@ -34,7 +34,7 @@ class RetryPolicy:
         The jitter (between half and all of the step) spreads a provider outage's backlog so
         that every replica does not retry the same second the provider comes back.
         """
-        step = self.min_backoff * (2 ** min(retry_count - 1, 30))
+        step = self.min_backoff * (1 << min(max(retry_count - 1, 0), 30))
         step = min(step, self.max_backoff)
         factor = 0.5 + (rng or random).random() * 0.5
         return max(self.min_backoff / 2, step * factor)

@@ -279,7 +279,7 @@ class IngestServer:
         self.handler = handler
         self.settings = settings
         self.gate = gate
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
 
     @property
     def port(self) -> int:

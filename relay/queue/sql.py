@@ -13,7 +13,7 @@ from __future__ import annotations
 import abc
 import json
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -64,7 +64,16 @@ class SqlStore(abc.ABC):
     table_exists_sql: str
 
     @abc.abstractmethod
-    def transaction(self) -> Any:
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def ping(self) -> None: ...
+
+    @abc.abstractmethod
+    def transaction(self) -> AbstractAsyncContextManager[Tx]:
         """An async context manager yielding a Tx; commits on success, rolls back on error."""
 
     @abc.abstractmethod
@@ -80,7 +89,7 @@ class SqlStore(abc.ABC):
         """Lease due messages inside tx; rows are the _CLAIM_COLUMNS of each."""
 
     @abc.abstractmethod
-    def migration_lock(self) -> Any:
+    def migration_lock(self) -> AbstractAsyncContextManager[None]:
         """An async context manager held while migrating, across replicas where possible."""
 
     _CLAIM_COLUMNS = (

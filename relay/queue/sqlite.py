@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -95,7 +95,7 @@ class SqliteStore(SqlStore):
                 await conn.rollback()
                 raise StoreUnavailable(f"SQLite commit failed: {exc}") from exc
 
-    def migration_lock(self) -> Any:
+    def migration_lock(self) -> AbstractAsyncContextManager[None]:
         return no_lock()
 
     def to_db_time(self, value: datetime) -> str:
