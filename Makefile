@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv quickstart run test lint format typecheck clean
+.PHONY: venv quickstart run test lint format typecheck clean cluster-tools cluster cluster-down
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,17 @@ format: venv
 
 typecheck: venv
 	$(BIN)/mypy
+
+# The test Kubernetes control plane, built from the official Go modules into
+# ~/.cache/smtp-relay-tools (a cold build takes about 8 minutes on 2 cores).
+cluster-tools:
+	hack/cluster/build.sh
+
+cluster: cluster-tools
+	hack/cluster/up.sh
+
+cluster-down:
+	hack/cluster/down.sh
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
