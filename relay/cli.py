@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import sys
 from collections.abc import Callable, Coroutine
@@ -51,6 +52,36 @@ def _parser() -> argparse.ArgumentParser:
     show = queue_commands.add_parser("show", help="one message with per-recipient outcome")
     show.add_argument("message_id", help="the queue id from the 250 reply")
 
+    commands.add_parser(
+        "hash-password",
+        help="print an Argon2 hash for workspaces.<id>.users.<name>.password_hash",
+        description="Reads the password from standard input (or prompts on a terminal), never"
+        " from the command line, where other users could read it.",
+    )
+
+    rate = commands.add_parser("rate-limit", help="temporary limit overrides (runbook 4.7)")
+    rate_commands = rate.add_subparsers(dest="rate_command", required=True, metavar="ACTION")
+    rate_set = rate_commands.add_parser(
+        "set", help="raise a workspace's limits until an expiry; reverts by itself"
+    )
+    rate_set.add_argument("--workspace", required=True)
+    rate_set.add_argument(
+        "--for",
+        dest="duration",
+        default="1h",
+        help="how long the override lasts (default 1h; e.g. 30m, 2h)",
+    )
+    rate_set.add_argument("--workspace-daily", type=int)
+    rate_set.add_argument("--per-user-daily", type=int)
+    rate_set.add_argument("--burst", type=int)
+    rate_set.add_argument("--refill", type=float, help="tokens per second")
+    rate_clear = rate_commands.add_parser("clear", help="end a workspace's override now")
+    rate_clear.add_argument("--workspace", required=True)
+    rate_commands.add_parser("show", help="limits and today's usage per workspace")
+
+    audit = commands.add_parser("audit", help="recent audit log entries (runbook 5.3)")
+    audit.add_argument("--limit", type=int, default=50)
+
     config = commands.add_parser("config", help="configuration")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     config_commands.add_parser("check", help="validate the configuration and exit")
@@ -59,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "hash-password":
+        return _hash_password()
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
@@ -77,7 +110,108 @@ def main(argv: list[str] | None = None) -> int:
         return _run(_with_store(settings, lambda store: _status(store, as_json=args.json)))
     if args.command == "queue" and args.queue_command == "show":
         return _run(_with_store(settings, lambda store: _show(store, args.message_id)))
+    if args.command == "rate-limit":
+        return _run(_with_store(settings, lambda store: _rate_limit(store, settings, args)))
+    if args.command == "audit":
+        return _run(_with_store(settings, lambda store: _audit(store, args.limit)))
     raise AssertionError(args)
+
+
+def _hash_password() -> int:
+    from relay.ingest.policy import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("smtp-relay: the passwords differ", file=sys.stderr)
+            return EXIT_CONFIG
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 12:
+        print("smtp-relay: use at least 12 characters", file=sys.stderr)
+        return EXIT_CONFIG
+    print(hash_password(password))
+    return 0
+
+
+async def _rate_limit(store: SqlStore, settings: Settings, args: argparse.Namespace) -> int:
+    from relay.config import parse_duration
+    from relay.limits import Override
+
+    await store.migrate()
+    now = utcnow()
+    if args.rate_command == "set":
+        duration = parse_duration(args.duration)
+        override = Override(
+            workspace_id=args.workspace,
+            expires_at=now + duration,
+            workspace_daily=args.workspace_daily,
+            per_user_daily=args.per_user_daily,
+            rate_limit_burst=args.burst,
+            rate_limit_refill=args.refill,
+            created_by=f"cli:{getpass.getuser()}",
+        )
+        await store.set_override(override)
+        await store.audit(
+            action="rate_limit.override_set",
+            outcome="success",
+            user_id=override.created_by,
+            detail=_describe_override(override),
+        )
+        print(f"override for {args.workspace} until {override.expires_at.isoformat()}Z")
+        return 0
+    if args.rate_command == "clear":
+        cleared = await store.clear_override(args.workspace)
+        await store.audit(
+            action="rate_limit.override_cleared",
+            outcome="success" if cleared else "not_found",
+            user_id=f"cli:{getpass.getuser()}",
+            detail=args.workspace,
+        )
+        print("cleared" if cleared else f"no override for {args.workspace}")
+        return 0 if cleared else 3
+    overrides = {o.workspace_id: o for o in await store.overrides(now=now)}
+    day = now.date().isoformat()
+    for workspace_id in sorted(
+        set(settings.workspaces) | {settings.smtp.workspace} | set(overrides)
+    ):
+        limits = settings.workspace(workspace_id).limits
+        if workspace_id in overrides:
+            limits = overrides[workspace_id].apply(limits)
+        used = await store.quota_used(workspace_id, day)
+        flag = (
+            f" (override until {overrides[workspace_id].expires_at.isoformat()}Z)"
+            if workspace_id in overrides
+            else ""
+        )
+        print(f"{workspace_id}{flag}")
+        print(f"  burst {limits.rate_limit_burst}, refill {limits.rate_limit_refill}/s")
+        print(f"  workspace_daily {_limit(limits.workspace_daily)}, used {used.get('*', 0)}")
+        print(f"  per_user_daily {_limit(limits.per_user_daily)}")
+    return 0
+
+
+def _limit(value: int | None) -> str:
+    return "unlimited" if value is None else str(value)
+
+
+def _describe_override(override: object) -> str:
+    fields = (
+        "workspace_id",
+        "workspace_daily",
+        "per_user_daily",
+        "rate_limit_burst",
+        "rate_limit_refill",
+        "expires_at",
+    )
+    return json.dumps({f: getattr(override, f) for f in fields}, default=str)
+
+
+async def _audit(store: SqlStore, limit: int) -> int:
+    await store.migrate()
+    for entry in await store.audit_entries(limit=limit):
+        print(json.dumps(entry, default=_json_default))
+    return 0
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:

@@ -15,17 +15,22 @@ import os
 import re
 import socket
 from datetime import timedelta
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
+import idna
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -37,7 +42,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
 
-def _parse_duration(value: Any) -> Any:
+def parse_duration(value: Any) -> Any:
     """Accept the runbook's spelling of durations ("10s", "5m", "5d") as well as numbers."""
     if isinstance(value, timedelta):
         return value
@@ -51,11 +56,40 @@ def _parse_duration(value: Any) -> Any:
     raise ValueError("not a duration")
 
 
-Duration = Annotated[timedelta, BeforeValidator(_parse_duration)]
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Network = IPv4Network | IPv6Network
+
+
+class TlsSettings(_Section):
+    """Certificate for STARTTLS and the implicit-TLS port; files are re-read when they change."""
+
+    cert_file: Path | None = Field(None, description="PEM certificate chain.")
+    key_file: Path | None = Field(None, description="PEM private key.")
+    implicit_port: int | None = Field(
+        None, ge=0, le=65535, description="Also listen here with TLS from the first byte (465)."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.implicit_port is not None and self.cert_file is None:
+            raise ValueError("implicit_port needs cert_file and key_file")
+        return self
+
+
+def _loopback() -> list[Network]:
+    return [IPv4Network("127.0.0.0/8"), IPv6Network("::1/128")]
 
 
 class SmtpSettings(_Section):
@@ -71,12 +105,85 @@ class SmtpSettings(_Section):
         ge=1024,
         description="Largest message accepted, in bytes; advertised with SIZE, 552 past it.",
     )
-    data_timeout: Duration = Field(
-        timedelta(minutes=5), description="Idle time allowed in a session before it is closed."
+    max_recipients: int = Field(1000, ge=1, description="Recipients per message; 452 past it.")
+    idle_timeout: Duration = Field(
+        timedelta(minutes=5),
+        description="Time allowed between commands (and for DATA) before the session is closed.",
+    )
+    max_connections: int = Field(1000, ge=1, description="Concurrent sessions in all.")
+    max_connections_per_ip: int = Field(50, ge=1, description="Concurrent sessions per client.")
+    max_errors: int = Field(
+        10, ge=1, description="Error replies in one session before it is disconnected."
     )
     workspace: str = Field(
-        "default", min_length=1, max_length=255, description="Workspace that mail is filed under."
+        "default",
+        min_length=1,
+        max_length=255,
+        description="Workspace for unauthenticated mail from trusted_networks.",
     )
+    trusted_networks: list[Network] = Field(
+        default_factory=lambda: _loopback(),
+        description="Clients that may relay without AUTH. Everyone else must authenticate.",
+    )
+    plaintext_auth_networks: list[Network] = Field(
+        default_factory=list,
+        description="Clients offered AUTH without TLS. Elsewhere AUTH needs STARTTLS first.",
+    )
+    tls: TlsSettings = TlsSettings()
+
+
+class RateLimits(_Section):
+    """Per-workspace limits (runbook 4.7 and 7.2)."""
+
+    rate_limit_burst: int = Field(100, ge=1, description="Token bucket size, in messages.")
+    rate_limit_refill: float = Field(10, gt=0, description="Tokens added per second.")
+    workspace_daily: int | None = Field(
+        None, ge=0, description="Recipients per UTC day for the workspace, exact across replicas."
+    )
+    per_user_daily: int | None = Field(
+        None, ge=0, description="Recipients per UTC day per sender (AUTH user or address)."
+    )
+
+
+class UserSettings(_Section):
+    password_hash: str = Field(
+        pattern=r"^\$argon2(id|i|d)\$",
+        description="Argon2 hash from `smtp-relay hash-password`; plain passwords are refused.",
+    )
+
+
+class WorkspaceSettings(_Section):
+    """A tenant: who may submit, from where, as whom, and how much."""
+
+    users: dict[str, UserSettings] = Field(
+        default_factory=dict, description="SMTP AUTH user names and their password hashes."
+    )
+    sender_domains: list[str] = Field(
+        default_factory=list,
+        description="Domains the envelope sender may use; '*.example.org' includes subdomains. "
+        "Empty: any sender.",
+    )
+    client_networks: list[Network] = Field(
+        default_factory=list,
+        description="If set, this workspace's users may only connect from here.",
+    )
+    providers: list[str] | None = Field(
+        None, description="Provider order for this workspace (default: delivery.providers)."
+    )
+    limits: RateLimits = RateLimits()
+
+    @field_validator("sender_domains")
+    @classmethod
+    def _a_labels(cls, domains: list[str]) -> list[str]:
+        # Compared with envelope domains, which ingest converts to IDNA2008 A-labels.
+        result = []
+        for domain in domains:
+            wildcard, name = ("*.", domain[2:]) if domain.startswith("*.") else ("", domain)
+            name = name.lower().rstrip(".")
+            if not name.isascii():
+                name = idna.encode(name, uts46=True).decode("ascii")
+            result.append(wildcard + name)
+        return result
 
 
 class HttpSettings(_Section):
@@ -191,14 +298,153 @@ class SmtpProviderSettings(_Section):
         return self.password.get_secret_value() if self.password else None
 
 
+_LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
+
+
+def _api_url(value: str) -> str:
+    """Credentials travel to this URL: TLS required, plain http only to this machine (tests)."""
+    parts = urlsplit(value)
+    # The value is not quoted back: a URL with user:password@ in it would be a leak.
+    if not parts.hostname or parts.query or parts.fragment:
+        raise ValueError("not an API root URL (scheme://host[:port][/path])")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not carry credentials; use the key and secret settings")
+    if parts.scheme != "https" and not (
+        parts.scheme == "http" and parts.hostname in _LOOPBACK_HOSTS
+    ):
+        raise ValueError("must be https:// (plain http:// only to 127.0.0.1, for tests)")
+    return value.rstrip("/")
+
+
+ApiUrl = Annotated[str, AfterValidator(_api_url)]
+
+
+class GmailProviderSettings(_Section):
+    """The Gmail API (users.messages.send) as one Google Workspace mailbox."""
+
+    type: Literal["gmail"]
+    user: str = Field(
+        pattern=r"^(me|[^\s/@]+@[^\s/@]+)$",
+        description="Mailbox that sends: its address (the delegated subject for a service "
+        "account), or 'me' for the refresh token's own user.",
+    )
+    credentials: Literal["refresh_token", "service_account"] = Field(
+        description="refresh_token: an OAuth client and a user's refresh token. "
+        "service_account: a key with domain-wide delegation for the gmail.send scope.",
+    )
+    client_id: str | None = Field(None, description="OAuth client id (refresh_token).")
+    client_secret: SecretStr | None = Field(
+        None, description="OAuth client secret (prefer client_secret_file)."
+    )
+    client_secret_file: Path | None = Field(None, description="File holding the client secret.")
+    refresh_token: SecretStr | None = Field(
+        None, description="The user's OAuth refresh token (prefer refresh_token_file)."
+    )
+    refresh_token_file: Path | None = Field(None, description="File holding the refresh token.")
+    service_account_key: SecretStr | None = Field(
+        None, description="Service-account JSON key, as Google issues it (prefer the file)."
+    )
+    service_account_key_file: Path | None = Field(
+        None, description="Service-account JSON key file, e.g. a mounted Kubernetes Secret."
+    )
+    api_base: ApiUrl = Field(
+        "https://gmail.googleapis.com", description="Gmail API root (changed only for tests)."
+    )
+    token_uri: ApiUrl = Field(
+        "https://oauth2.googleapis.com/token",
+        description="OAuth token endpoint, also the JWT audience. The key file's own "
+        "token_uri is not followed: this setting says where assertions go.",
+    )
+    timeout: Duration = Field(
+        timedelta(seconds=30), description="Per-request timeout (runbook: provider_timeout)."
+    )
+    max_connections: int = Field(8, ge=1, le=256, description="HTTP connections kept to Google.")
+
+    @model_validator(mode="after")
+    def _credentials_complete(self) -> GmailProviderSettings:
+        if self.credentials == "refresh_token":
+            missing = [
+                name
+                for name, present in (
+                    ("client_id", self.client_id),
+                    ("client_secret", self.client_secret or self.client_secret_file),
+                    ("refresh_token", self.refresh_token or self.refresh_token_file),
+                )
+                if not present
+            ]
+            if missing:
+                raise ValueError(f"refresh_token credentials need {', '.join(missing)}")
+        else:
+            if not (self.service_account_key or self.service_account_key_file):
+                raise ValueError("service_account credentials need service_account_key_file")
+            if self.user == "me":
+                raise ValueError("a service account must name the user's address, not 'me'")
+        return self
+
+    def resolved_client_secret(self) -> str:
+        return _secret(self.client_secret, self.client_secret_file)
+
+    def resolved_refresh_token(self) -> str:
+        return _secret(self.refresh_token, self.refresh_token_file)
+
+    def resolved_service_account_key(self) -> str:
+        return _secret(self.service_account_key, self.service_account_key_file)
+
+
+class MailgunProviderSettings(_Section):
+    """Mailgun's sending API (messages.mime): the envelope recipients, the MIME as a file."""
+
+    type: Literal["mailgun"]
+    domain: str = Field(
+        pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$",
+        description="Sending domain as registered at Mailgun.",
+    )
+    api_key: SecretStr | None = Field(None, description="Private API key (prefer api_key_file).")
+    api_key_file: Path | None = Field(None, description="File holding the API key.")
+    region: Literal["us", "eu"] = Field(
+        "us", description="us: api.mailgun.net. eu: api.eu.mailgun.net (EU data residency)."
+    )
+    base_url: ApiUrl | None = Field(None, description="API root instead of region's (tests).")
+    timeout: Duration = Field(
+        timedelta(seconds=30), description="Per-request timeout (runbook: provider_timeout)."
+    )
+    max_connections: int = Field(8, ge=1, le=256, description="HTTP connections kept to Mailgun.")
+
+    @model_validator(mode="after")
+    def _key_present(self) -> MailgunProviderSettings:
+        if not (self.api_key or self.api_key_file):
+            raise ValueError("mailgun needs api_key_file (or api_key)")
+        return self
+
+    def resolved_api_key(self) -> str:
+        return _secret(self.api_key, self.api_key_file)
+
+    def api_root(self) -> str:
+        if self.base_url is not None:
+            return self.base_url
+        return {"us": "https://api.mailgun.net", "eu": "https://api.eu.mailgun.net"}[self.region]
+
+
+def _secret(value: SecretStr | None, file: Path | None) -> str:
+    # Read at each use, not at start-up, so a rotated Kubernetes Secret takes effect.
+    if file is not None:
+        return file.read_text().rstrip("\r\n")
+    return value.get_secret_value() if value else ""
+
+
 ProviderSettings = Annotated[
-    OutboxProviderSettings | SmtpProviderSettings, Field(discriminator="type")
+    OutboxProviderSettings | SmtpProviderSettings | GmailProviderSettings | MailgunProviderSettings,
+    Field(discriminator="type"),
 ]
 
 
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = Field("json", description="json in production.")
+
+
+def _default_providers() -> dict[str, ProviderSettings]:
+    return {"outbox": OutboxProviderSettings(type="outbox")}
 
 
 class Settings(BaseSettings):
@@ -216,10 +462,13 @@ class Settings(BaseSettings):
     queue: QueueSettings = QueueSettings()
     delivery: DeliverySettings = DeliverySettings()
     providers: dict[str, ProviderSettings] = Field(
-        default_factory=lambda: {"outbox": OutboxProviderSettings(type="outbox")},
+        default_factory=lambda: _default_providers(),
         description="Named delivery providers.",
     )
     log: LogSettings = LogSettings()
+    workspaces: dict[str, WorkspaceSettings] = Field(
+        default_factory=dict, description="Tenants, by workspace id."
+    )
 
     @model_validator(mode="after")
     def _providers_exist(self) -> Settings:
@@ -228,7 +477,31 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"delivery.providers names {', '.join(missing)}, not defined under providers"
             )
+        for workspace_id, workspace in self.workspaces.items():
+            missing = [n for n in workspace.providers or [] if n not in self.providers]
+            if missing:
+                raise ValueError(
+                    f"workspaces.{workspace_id}.providers names {', '.join(missing)},"
+                    " not defined under providers"
+                )
         return self
+
+    @model_validator(mode="after")
+    def _users_unique(self) -> Settings:
+        # A login names exactly one workspace.
+        seen: dict[str, str] = {}
+        for workspace_id, workspace in self.workspaces.items():
+            for user in workspace.users:
+                if user in seen:
+                    raise ValueError(
+                        f"user {user!r} is in workspaces {seen[user]} and {workspace_id}"
+                    )
+                seen[user] = workspace_id
+        return self
+
+    def workspace(self, workspace_id: str) -> WorkspaceSettings:
+        """A configured workspace, or the open default for one that is not configured."""
+        return self.workspaces.get(workspace_id) or WorkspaceSettings()
 
     @classmethod
     def settings_customise_sources(

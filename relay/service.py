@@ -14,7 +14,9 @@ from relay.api.app import Probes, create_app
 from relay.config import Settings
 from relay.delivery.engine import DeliveryEngine
 from relay.delivery.providers import build_providers
-from relay.ingest.server import Gate, IngestHandler, IngestServer
+from relay.ingest.handler import IngestHandler
+from relay.ingest.protocol import Gate
+from relay.ingest.server import IngestServer
 from relay.logs import event
 from relay.queue import create_store
 
@@ -37,7 +39,7 @@ class RelayService:
         self.gate = Gate()
         self.engine = DeliveryEngine(self.store, self.providers, settings.delivery)
         self.handler = IngestHandler(
-            self.store, settings.smtp, gate=self.gate, on_queued=self.engine.wake
+            self.store, settings, gate=self.gate, on_queued=self.engine.wake
         )
         self.ingest = IngestServer(self.handler, settings.smtp, self.gate)
         self._http: _EmbeddedHttpServer | None = None

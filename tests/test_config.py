@@ -101,7 +101,7 @@ def _leaf_keys(model: type, prefix: str = "") -> list[str]:
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             keys += _leaf_keys(annotation, f"{prefix}{name}.")
-        elif name != "providers" or prefix:
+        elif name not in ("providers",) or prefix:
             keys.append(prefix + name)
     return keys
 
@@ -111,7 +111,12 @@ def test_the_readme_documents_every_setting() -> None:
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     missing = [key for key in _leaf_keys(Settings) if f"`{key}`" not in readme]
-    for provider_model in (config.OutboxProviderSettings, config.SmtpProviderSettings):
+    for provider_model in (
+        config.OutboxProviderSettings,
+        config.SmtpProviderSettings,
+        config.GmailProviderSettings,
+        config.MailgunProviderSettings,
+    ):
         missing += [
             f"providers.<name>.{key}"
             for key in _leaf_keys(provider_model)

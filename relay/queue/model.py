@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from relay.limits import QuotaCharge
+
 
 class MessageStatus(enum.StrEnum):
     """messages.status, as the runbook spells it."""
@@ -43,6 +45,7 @@ class NewMessage:
     queued_at: datetime
     client_address: str | None = None
     mail_options: tuple[str, ...] = ()
+    quota: QuotaCharge | None = None
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,11 @@ class _MysqlTx(Tx):
 class MysqlStore(SqlStore):
     backend = "mysql"
     migrations = schema.MYSQL
+    # ON DUPLICATE KEY rather than INSERT IGNORE: IGNORE raises a server warning per call.
+    ensure_quota_row_sql = (
+        "INSERT INTO quota_usage (workspace_id, subject, day, used) VALUES (?, ?, ?, 0)"
+        " ON DUPLICATE KEY UPDATE used = used"
+    )
     table_exists_sql = (
         "SELECT table_name FROM information_schema.tables"
         " WHERE table_schema = DATABASE() AND table_name = ?"

@@ -107,6 +107,36 @@ MYSQL: tuple[Migration, ...] = (
     ),
 )
 
+MYSQL += (
+    Migration(
+        2,
+        "daily quotas and temporary rate-limit overrides",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS quota_usage (
+                workspace_id VARCHAR(255) NOT NULL,
+                subject VARCHAR(320) NOT NULL,
+                day CHAR(10) CHARACTER SET ascii NOT NULL,
+                used INT NOT NULL DEFAULT 0,
+                PRIMARY KEY (workspace_id, subject, day)
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS rate_limit_overrides (
+                workspace_id VARCHAR(255) NOT NULL PRIMARY KEY,
+                workspace_daily INT NULL,
+                per_user_daily INT NULL,
+                rate_limit_burst INT NULL,
+                rate_limit_refill DOUBLE NULL,
+                expires_at DATETIME(6) NOT NULL,
+                created_by VARCHAR(255) NULL,
+                created_at DATETIME(6) NOT NULL
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+            """,
+        ),
+    ),
+)
+
 SQLITE: tuple[Migration, ...] = (
     Migration(
         1,
@@ -193,6 +223,37 @@ SQLITE: tuple[Migration, ...] = (
             )
             """,
             "CREATE INDEX IF NOT EXISTS idx_created ON audit_log (created_at)",
+        ),
+    ),
+)
+
+
+SQLITE += (
+    Migration(
+        2,
+        "daily quotas and temporary rate-limit overrides",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS quota_usage (
+                workspace_id TEXT NOT NULL,
+                subject TEXT NOT NULL,
+                day TEXT NOT NULL,
+                used INTEGER NOT NULL DEFAULT 0,
+                PRIMARY KEY (workspace_id, subject, day)
+            )
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS rate_limit_overrides (
+                workspace_id TEXT NOT NULL PRIMARY KEY,
+                workspace_daily INTEGER NULL,
+                per_user_daily INTEGER NULL,
+                rate_limit_burst INTEGER NULL,
+                rate_limit_refill REAL NULL,
+                expires_at TEXT NOT NULL,
+                created_by TEXT NULL,
+                created_at TEXT NOT NULL
+            )
+            """,
         ),
     ),
 )

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from relay.clock import utcnow
+from relay.limits import Override, QuotaCharge, QuotaExceeded
 from relay.queue import schema
 from relay.queue.model import (
     PENDING,
@@ -62,6 +63,7 @@ class SqlStore(abc.ABC):
     backend: str
     migrations: tuple[schema.Migration, ...]
     table_exists_sql: str
+    ensure_quota_row_sql: str
 
     @abc.abstractmethod
     async def open(self) -> None: ...
@@ -166,6 +168,122 @@ class SqlStore(abc.ABC):
                     for address in message.recipients
                 ],
             )
+            if message.quota is not None:
+                await self._charge(tx, message.quota)
+
+    async def _charge(self, tx: Tx, charge: QuotaCharge) -> None:
+        # The row update is conditional, so two replicas racing for the last of a quota
+        # cannot both win: the second waits on the row lock, then finds no room.
+        for subject, limit, name in (
+            ("*", charge.workspace_daily, "workspace_daily"),
+            (charge.user_key, charge.per_user_daily, "per_user_daily"),
+        ):
+            if limit is None:
+                continue
+            await tx.execute(self.ensure_quota_row_sql, (charge.workspace_id, subject, charge.day))
+            charged = await tx.execute(
+                "UPDATE quota_usage SET used = used + ?"
+                " WHERE workspace_id = ? AND subject = ? AND day = ? AND used + ? <= ?",
+                (
+                    charge.recipients,
+                    charge.workspace_id,
+                    subject,
+                    charge.day,
+                    charge.recipients,
+                    limit,
+                ),
+            )
+            if not charged:
+                raise QuotaExceeded(name)
+
+    async def quota_used(self, workspace_id: str, day: str) -> dict[str, int]:
+        async with self.transaction() as tx:
+            rows = await tx.fetchall(
+                "SELECT subject, used FROM quota_usage WHERE workspace_id = ? AND day = ?",
+                (workspace_id, day),
+            )
+        return {str(subject): int(used) for subject, used in rows}
+
+    # Rate-limit overrides (runbook 4.7)
+
+    async def set_override(self, override: Override) -> None:
+        async with self.transaction() as tx:
+            await tx.execute(
+                "DELETE FROM rate_limit_overrides WHERE workspace_id = ?",
+                (override.workspace_id,),
+            )
+            await tx.execute(
+                "INSERT INTO rate_limit_overrides (workspace_id, workspace_daily,"
+                " per_user_daily, rate_limit_burst, rate_limit_refill, expires_at, created_by,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    override.workspace_id,
+                    override.workspace_daily,
+                    override.per_user_daily,
+                    override.rate_limit_burst,
+                    override.rate_limit_refill,
+                    self.to_db_time(override.expires_at),
+                    override.created_by,
+                    self.to_db_time(utcnow()),
+                ),
+            )
+
+    async def clear_override(self, workspace_id: str) -> bool:
+        async with self.transaction() as tx:
+            return bool(
+                await tx.execute(
+                    "DELETE FROM rate_limit_overrides WHERE workspace_id = ?", (workspace_id,)
+                )
+            )
+
+    async def overrides(self, *, now: datetime) -> list[Override]:
+        async with self.transaction() as tx:
+            rows = await tx.fetchall(
+                "SELECT workspace_id, expires_at, workspace_daily, per_user_daily,"
+                " rate_limit_burst, rate_limit_refill, created_by FROM rate_limit_overrides"
+                " WHERE expires_at > ?",
+                (self.to_db_time(now),),
+            )
+        return [
+            Override(
+                workspace_id=row[0],
+                expires_at=self.from_db_time(row[1]),
+                workspace_daily=row[2],
+                per_user_daily=row[3],
+                rate_limit_burst=row[4],
+                rate_limit_refill=row[5],
+                created_by=row[6],
+            )
+            for row in rows
+        ]
+
+    # Audit (runbook 5.3)
+
+    async def audit(
+        self,
+        *,
+        action: str,
+        outcome: str,
+        user_id: str | None = None,
+        ip_address: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        async with self.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO audit_log (user_id, action, ip_address, outcome, detail,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (user_id, action, ip_address, outcome, detail, self.to_db_time(utcnow())),
+            )
+
+    async def audit_entries(self, *, limit: int = 100) -> list[dict[str, Any]]:
+        async with self.transaction() as tx:
+            rows = await tx.fetchall(
+                "SELECT user_id, action, ip_address, outcome, detail, created_at"
+                " FROM audit_log ORDER BY id DESC LIMIT ?",
+                (limit,),
+            )
+        keys = ("user_id", "action", "ip_address", "outcome", "detail", "created_at")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
 
     # Delivery
 

@@ -47,6 +47,10 @@ class SqliteStore(SqlStore):
     backend = "sqlite"
     migrations = schema.SQLITE
     table_exists_sql = "SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?"
+    ensure_quota_row_sql = (
+        "INSERT INTO quota_usage (workspace_id, subject, day, used) VALUES (?, ?, ?, 0)"
+        " ON CONFLICT DO NOTHING"
+    )
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)

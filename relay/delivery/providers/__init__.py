@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from relay.config import OutboxProviderSettings, Settings, SmtpProviderSettings
+from relay.config import (
+    GmailProviderSettings,
+    MailgunProviderSettings,
+    OutboxProviderSettings,
+    Settings,
+    SmtpProviderSettings,
+)
 from relay.delivery.providers.base import (
     Envelope,
     Outcome,
@@ -10,13 +16,17 @@ from relay.delivery.providers.base import (
     ProviderError,
     RecipientResult,
 )
+from relay.delivery.providers.gmail import GmailProvider
+from relay.delivery.providers.mailgun import MailgunProvider
 from relay.delivery.providers.outbox import OutboxProvider
 from relay.delivery.providers.smtp import SmtpProvider
 
 __all__ = [
     "Envelope",
-    "Outcome",
+    "GmailProvider",
+    "MailgunProvider",
     "OutboxProvider",
+    "Outcome",
     "Provider",
     "ProviderError",
     "RecipientResult",
@@ -32,4 +42,8 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
             providers[name] = OutboxProvider(name, spec.directory)
         elif isinstance(spec, SmtpProviderSettings):
             providers[name] = SmtpProvider(name, spec)
+        elif isinstance(spec, GmailProviderSettings):
+            providers[name] = GmailProvider(name, spec)
+        elif isinstance(spec, MailgunProviderSettings):
+            providers[name] = MailgunProvider(name, spec)
     return providers

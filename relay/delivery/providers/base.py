@@ -38,17 +38,35 @@ class Envelope:
     mail_options: tuple[str, ...] = ()
 
 
+ERROR_KINDS = ("unavailable", "credentials", "rate_limited", "quota", "policy", "config")
+
+
 class ProviderError(Exception):
     """The attempt failed as a whole (connection refused, timeout, credentials rejected).
 
     `transient` says whether the same provider may succeed later. A provider-wide failure is
     never a verdict on the recipients: routing tries the next provider.
+
+    `kind` tells routing why, one of `ERROR_KINDS`: "unavailable" (network, timeouts, 5xx),
+    "credentials" (rejected or expired; an operator must renew them), "rate_limited" (back
+    off for `retry_after` seconds), "quota" (a daily allowance is spent; `retry_after` runs
+    to its reset), "policy" (the provider's own rules forbid this sender or account),
+    "config" (endpoint, domain or region wrong). `retry_after` is in seconds, when known.
     """
 
-    def __init__(self, detail: str, *, transient: bool = True) -> None:
+    def __init__(
+        self,
+        detail: str,
+        *,
+        transient: bool = True,
+        kind: str = "unavailable",
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.transient = transient
+        self.kind = kind
+        self.retry_after = retry_after
 
 
 class Provider(Protocol):

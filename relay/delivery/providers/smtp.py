@@ -106,7 +106,8 @@ class SmtpProvider:
             return [
                 RecipientResult(
                     address,
-                    _classify(by_address[address].code) if address in by_address
+                    _classify(by_address[address].code)
+                    if address in by_address
                     else Outcome.TRANSIENT,
                     _reply_text(by_address[address]) if address in by_address else "refused",
                 )

@@ -1,0 +1,253 @@
+"""The SMTP protocol object: aiosmtpd's, with the relay's wire rules.
+
+What this layer adds to aiosmtpd (pinned to 1.4.x: a few of its private hooks are used):
+- RFC 2034 enhanced status codes on every reply aiosmtpd writes itself;
+- line ends: a bare CR or LF anywhere in a session, command or message, ends the session
+  with 554 5.5.2. RFC 5321 section 2.3.8 forbids them, and accepting them is what SMTP
+  smuggling exploits (a message whose "end of data" one MTA sees and another does not).
+  Rejecting rather than normalising keeps one reading of every byte stream; nothing from
+  the refused transaction is queued, so the client still owns the message;
+- limits on connections in all and per client, and on error replies per session;
+- source-routed addresses (`<@a,@b:user@c>`) refused before aiosmtpd's parser drops the
+  route silently;
+- drain: a closed gate answers new sessions 421 and lets open transactions finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import Counter
+from typing import Any
+
+from aiosmtpd.smtp import SMTP
+
+from relay.config import SmtpSettings
+from relay.ingest.policy import in_networks
+
+_ENHANCED = {
+    "221": "2.0.0",
+    "235": "2.7.0",
+    "250": "2.0.0",
+    "421": "4.3.0",
+    "450": "4.2.0",
+    "451": "4.3.0",
+    "452": "4.5.3",
+    "454": "4.7.0",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "535": "5.7.8",
+    "538": "5.7.11",
+    "550": "5.0.0",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.3.0",
+    "555": "5.5.4",
+}
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?:\s|$)")
+_BARE_LINE_END = re.compile(rb"(?<!\r)\n|\r(?!\n)")
+# Parameters real clients send that aiosmtpd would answer with 555: Outlook's AUTH=<>
+# (RFC 4954 section 5) and the DSN parameters of RFC 3461. Accepted and kept with the
+# message; the relay does not offer DSN itself.
+_TOLERATED_PARAMETERS = ("AUTH", "ENVID", "RET", "ORCPT", "NOTIFY")
+
+SHUTDOWN_REPLY = "421 4.3.2 Service shutting down, try another server"
+BARE_LINE_END_REPLY = (
+    "554 5.5.2 Bare CR or LF received; lines must end with CRLF (RFC 5321 section 2.3.8)"
+)
+
+
+class Gate:
+    """Whether new SMTP transactions may start, and the sessions currently open."""
+
+    def __init__(self) -> None:
+        self.closed_reply: str | None = None
+        self.sessions: set[RelaySMTP] = set()
+
+    @property
+    def open(self) -> bool:
+        return self.closed_reply is None
+
+    def close(self, reply: str = SHUTDOWN_REPLY) -> None:
+        self.closed_reply = reply
+
+    def reopen(self) -> None:
+        self.closed_reply = None
+
+    def per_peer(self) -> Counter[str]:
+        return Counter(session.peer_ip for session in self.sessions)
+
+
+class RelaySMTP(SMTP):
+    """One SMTP session."""
+
+    def __init__(self, handler: Any, *, gate: Gate, settings: SmtpSettings, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.gate = gate
+        self.settings = settings
+        self.peer_ip = ""
+        self.errors = 0
+        self._in_ehlo = False
+        self._pending_cr = False
+        self._refused = False
+        self._hung_up = False
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.envelope is not None and self.envelope.mail_from is not None
+
+    # Connection
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self.peer_ip:
+            peer = transport.get_extra_info("peername")
+            self.peer_ip = str(peer[0]) if isinstance(peer, tuple) else ""
+        self.gate.sessions.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.gate.sessions.discard(self)
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        refusal = self._admission()
+        if refusal is not None:
+            self.say_goodbye(refusal)
+            return
+        # AUTH needs TLS first, except for networks explicitly trusted with plaintext.
+        self._auth_require_tls = not in_networks(
+            self.peer_ip, self.settings.plaintext_auth_networks
+        )
+        assert self.transport is not None and self.session is not None
+        if self.transport.get_extra_info("ssl_object") is not None:
+            # The implicit-TLS port: encrypted from the first byte, as after STARTTLS.
+            self._auth_require_tls = False
+            self.session.ssl = {"cipher": self.transport.get_extra_info("cipher")}
+        await super()._handle_client()
+
+    def _admission(self) -> str | None:
+        if not self.gate.open:
+            # A draining relay still answers, so the client tries its next server at once
+            # rather than waiting for a connect timeout.
+            return self.gate.closed_reply or SHUTDOWN_REPLY
+        if len(self.gate.sessions) > self.settings.max_connections:
+            return "421 4.7.0 Too many connections, try again later"
+        if self.gate.per_peer()[self.peer_ip] > self.settings.max_connections_per_ip:
+            return "421 4.7.0 Too many connections from your address, try again later"
+        return None
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._bare_line_end(data):
+            self._refused = True
+            self.say_goodbye(BARE_LINE_END_REPLY)
+            return
+        super().data_received(data)
+
+    def _bare_line_end(self, data: bytes) -> bool:
+        if not data:
+            return False
+        if self._pending_cr and data[:1] != b"\n":
+            return True
+        start = 1 if self._pending_cr else 0
+        self._pending_cr = data.endswith(b"\r")
+        end = len(data) - 1 if self._pending_cr else len(data)
+        return _BARE_LINE_END.search(data, start, end) is not None
+
+    # Replies
+
+    async def push(self, status: Any) -> None:
+        if self._hung_up:
+            return
+        # RFC 2034: the greeting and EHLO/HELO replies carry no enhanced codes.
+        if isinstance(status, str) and not self._in_ehlo and not status.startswith("220"):
+            status = with_enhanced_code(status)
+        text = status if isinstance(status, str) else ""
+        if text.startswith("421"):
+            # 421 means the server closes the channel (RFC 5321 section 3.8).
+            self._write(text)
+            self.hang_up()
+            return
+        await super().push(status)
+        if text.startswith("5"):
+            self.errors += 1
+            if self.errors >= self.settings.max_errors:
+                await self.push("421 4.7.0 Too many errors, closing connection")
+
+    def _write(self, reply: str) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(reply.encode() + b"\r\n")  # type: ignore[attr-defined]
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._in_ehlo = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._in_ehlo = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._in_ehlo = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._in_ehlo = False
+
+    def hang_up(self) -> None:
+        """Stop reading commands, write nothing more, close once what was written is sent.
+
+        Commands the client pipelined behind the last reply are not run: a session being
+        closed must not go on to commit a message nobody will hear a reply for.
+        """
+        if self._hung_up:
+            return
+        self._hung_up = True
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+        if self.transport is not None:
+            self.loop.call_soon(self.transport.close)
+
+    def say_goodbye(self, reply: str) -> None:
+        """Unsolicited reply (421 per RFC 5321 section 3.8, or a protocol violation), close."""
+        if not self._hung_up:
+            self._write(reply)
+            self.hang_up()
+
+    # Parsing
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd's parser accepts a source route and returns only the final mailbox;
+        # refuse it instead (RFC 5321 section 4.1.2: routes are to be ignored, and a relay
+        # that honours them is open).
+        if arg and arg.lstrip().startswith("<@"):
+            return None, None
+        return super()._getaddr(arg)
+
+    def _getparams(self, params: Any) -> dict[str, str | bool] | None:
+        result: dict[str, str | bool] | None = super()._getparams(params)
+        if result is None:
+            return None
+        for name in _TOLERATED_PARAMETERS:
+            result.pop(name, None)
+        return result
+
+
+def with_enhanced_code(status: str) -> str:
+    lines = status.split("\r\n")
+    fixed = []
+    for line in lines:
+        code = line[:3]
+        if (
+            code in _ENHANCED
+            and len(line) > 3
+            and line[3] in " -"
+            and not _HAS_ENHANCED.match(line)
+        ):
+            line = f"{code}{line[3]}{_ENHANCED[code]} {line[4:]}"
+        fixed.append(line)
+    return "\r\n".join(fixed)
