@@ -79,6 +79,17 @@ def _parser() -> argparse.ArgumentParser:
     rate_clear.add_argument("--workspace", required=True)
     rate_commands.add_parser("show", help="limits and today's usage per workspace")
 
+    providers = commands.add_parser("providers", help="delivery providers")
+    provider_commands = providers.add_subparsers(
+        dest="providers_command", required=True, metavar="ACTION"
+    )
+    validate = provider_commands.add_parser(
+        "validate",
+        help="check each provider's reachability and credentials without sending mail",
+    )
+    validate.add_argument("names", nargs="*", help="providers to check (default: all)")
+    validate.add_argument("--json", action="store_true", help="machine-readable output")
+
     audit = commands.add_parser("audit", help="recent audit log entries (runbook 5.3)")
     audit.add_argument("--limit", type=int, default=50)
 
@@ -112,9 +123,34 @@ def main(argv: list[str] | None = None) -> int:
         return _run(_with_store(settings, lambda store: _show(store, args.message_id)))
     if args.command == "rate-limit":
         return _run(_with_store(settings, lambda store: _rate_limit(store, settings, args)))
+    if args.command == "providers":
+        return _run(_validate_providers(settings, args.names, as_json=args.json))
     if args.command == "audit":
         return _run(_with_store(settings, lambda store: _audit(store, args.limit)))
     raise AssertionError(args)
+
+
+async def _validate_providers(settings: Settings, names: list[str], *, as_json: bool) -> int:
+    from relay.delivery.providers import build_providers, validate_all
+
+    unknown = [name for name in names if name not in settings.providers]
+    if unknown:
+        print(f"smtp-relay: no provider named {', '.join(unknown)}", file=sys.stderr)
+        return EXIT_CONFIG
+    providers = build_providers(settings)
+    chosen = {n: p for n, p in providers.items() if not names or n in names}
+    try:
+        report = await validate_all(chosen)
+    finally:
+        for provider in providers.values():
+            await provider.close()
+    if as_json:
+        print(json.dumps(report))
+    else:
+        for entry in report:
+            mark = "ok" if entry["ok"] else f"FAILED ({entry['kind']}): {entry['error']}"
+            print(f"{entry['provider']:<16} {mark}")
+    return 0 if all(entry["ok"] for entry in report) else 1
 
 
 def _hash_password() -> int:

@@ -233,6 +233,30 @@ class QueueSettings(_Section):
     mysql: MysqlSettings = MysqlSettings()
 
 
+class BreakerSettings(_Section):
+    """When a provider is taken out of rotation, and when it is tried again."""
+
+    failure_threshold: int = Field(5, ge=1, description="Consecutive failures that open it.")
+    error_rate: float = Field(
+        0.5, gt=0, le=1, description="Failure share over the window that opens it."
+    )
+    window: int = Field(20, ge=2, description="Recent attempts the error rate is taken over.")
+    cooldown: Duration = Field(
+        timedelta(seconds=30), description="Open time before a probe (doubles per failed probe)."
+    )
+    fatal_cooldown: Duration = Field(
+        timedelta(minutes=5),
+        description="Open time after rejected credentials or policy: a person must act.",
+    )
+
+
+class ProviderLimits(_Section):
+    max_concurrency: int = Field(10, ge=1, description="Sends in flight to this provider.")
+    rate_per_second: float | None = Field(
+        None, gt=0, description="Sends started per second (the provider's published limit)."
+    )
+
+
 class DeliverySettings(_Section):
     """Delivery workers (runbook 7.2) and the retry policy."""
 
@@ -260,6 +284,14 @@ class DeliverySettings(_Section):
     shutdown_grace: Duration = Field(
         timedelta(seconds=25),
         description="On SIGTERM, time allowed for sessions and deliveries in flight to finish.",
+    )
+    attempt_timeout: Duration = Field(
+        timedelta(minutes=5),
+        description="Hard limit on one provider send, over the provider's own timeouts.",
+    )
+    breaker: BreakerSettings = BreakerSettings()
+    provider_limits: dict[str, ProviderLimits] = Field(
+        default_factory=dict, description="Concurrency and rate per provider name."
     )
 
     @model_validator(mode="after")

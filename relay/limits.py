@@ -41,6 +41,14 @@ class TokenBucket:
             return True
         return False
 
+    def reserve(self, now: float | None = None) -> float:
+        """Take a token now, going into debt if need be; returns the seconds to wait."""
+        now = time.monotonic() if now is None else now
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.refill_per_s)
+        self.updated = now
+        self.tokens -= 1
+        return max(0.0, -self.tokens / self.refill_per_s)
+
     def remaining(self, now: float | None = None) -> float:
         now = time.monotonic() if now is None else now
         return min(self.capacity, self.tokens + (now - self.updated) * self.refill_per_s)

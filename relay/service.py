@@ -14,6 +14,7 @@ from relay.api.app import Probes, create_app
 from relay.config import Settings
 from relay.delivery.engine import DeliveryEngine
 from relay.delivery.providers import build_providers
+from relay.delivery.routing import Router
 from relay.ingest.handler import IngestHandler
 from relay.ingest.protocol import Gate
 from relay.ingest.server import IngestServer
@@ -36,8 +37,9 @@ class RelayService:
         self.settings = settings
         self.store = create_store(settings)
         self.providers = build_providers(settings)
+        self.router = Router(self.providers, settings)
         self.gate = Gate()
-        self.engine = DeliveryEngine(self.store, self.providers, settings.delivery)
+        self.engine = DeliveryEngine(self.store, self.router, settings.delivery)
         self.handler = IngestHandler(
             self.store, settings, gate=self.gate, on_queued=self.engine.wake
         )
@@ -94,6 +96,7 @@ class RelayService:
         event(log, "relay.stopping", grace_s=grace)
         await self.ingest.drain(grace)
         await self.engine.stop()
+        await self.router.close()
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True
             await self._http_task

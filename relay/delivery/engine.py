@@ -16,18 +16,13 @@ import os
 import random
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 
 from relay.clock import utcnow
 from relay.config import DeliverySettings
-from relay.delivery.providers.base import (
-    Envelope,
-    Outcome,
-    Provider,
-    ProviderError,
-)
-from relay.delivery.retry import ProviderAttempt, RetryPolicy, decide
+from relay.delivery.retry import RetryPolicy, decide
+from relay.delivery.routing import Router
 from relay.logs import event
 from relay.queue.model import AttemptResult, ClaimedMessage
 from relay.queue.sql import SqlStore
@@ -47,13 +42,13 @@ class DeliveryEngine:
     def __init__(
         self,
         store: SqlStore,
-        providers: Mapping[str, Provider],
+        router: Router,
         settings: DeliverySettings,
         *,
         worker_id: str | None = None,
     ) -> None:
         self.store = store
-        self.providers = providers
+        self.router = router
         self.settings = settings
         self.worker_id = worker_id or default_worker_id()
         self.policy = RetryPolicy(settings.min_backoff, settings.max_backoff, settings.max_age)
@@ -107,8 +102,6 @@ class DeliveryEngine:
         # Deliveries cut off by the grace period: the peer may or may not have the message.
         # Releasing it means it is sent again (at-least-once), never lost.
         await self._release(list(self._held))
-        for provider in self.providers.values():
-            await provider.close()
 
     async def _release(self, message_ids: Sequence[str]) -> None:
         if not message_ids:
@@ -216,44 +209,13 @@ class DeliveryEngine:
     async def deliver(self, message: ClaimedMessage) -> AttemptResult:
         started = time.monotonic()
         content = await self.store.load_content(message.id)
-        remaining = list(message.recipients)
-        attempts: list[ProviderAttempt] = []
-        provider_errors: list[str] = []
-        used: list[str] = []
-        for name in self.settings.providers:
-            if not remaining:
-                break
-            provider = self.providers[name]
-            envelope = Envelope(
-                message_id=message.id,
-                mail_from=message.from_email,
-                rcpt_tos=tuple(r.address for r in remaining),
-                mail_options=message.mail_options,
-            )
-            used.append(name)
-            try:
-                results = await provider.send(envelope, content)
-            except ProviderError as exc:
-                provider_errors.append(exc.detail)
-                continue
-            by_address = {result.address: result for result in results}
-            outcome = {
-                r.row_id: by_address[r.address] for r in remaining if r.address in by_address
-            }
-            attempts.append(ProviderAttempt(name, outcome))
-            # Recipients the provider could not place now go to the next provider at once.
-            remaining = [
-                r
-                for r in remaining
-                if r.row_id not in outcome or outcome[r.row_id].outcome is Outcome.TRANSIENT
-            ]
-
+        routed = await self.router.route(message, content)
         result = decide(
             message,
-            attempts,
+            routed.attempts,
             policy=self.policy,
             now=utcnow(),
-            provider_error="; ".join(provider_errors) or None,
+            provider_error="; ".join(routed.errors) or None,
         )
         held = await self._complete(message, result)
         event(
@@ -261,7 +223,8 @@ class DeliveryEngine:
             "delivery.attempt",
             message_id=message.id,
             workspace=message.workspace_id,
-            providers=",".join(used),
+            providers=",".join(routed.tried),
+            skipped=",".join(routed.skipped),
             outcome=result.status.value,
             recipients=len(message.recipients),
             retry_count=result.retry_count,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from relay.config import (
     GmailProviderSettings,
     MailgunProviderSettings,
@@ -32,6 +34,7 @@ __all__ = [
     "RecipientResult",
     "SmtpProvider",
     "build_providers",
+    "validate_all",
 ]
 
 
@@ -47,3 +50,25 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
         elif isinstance(spec, MailgunProviderSettings):
             providers[name] = MailgunProvider(name, spec)
     return providers
+
+
+async def validate_all(
+    providers: dict[str, Provider], timeout_s: float = 30.0
+) -> list[dict[str, object]]:
+    """Check every provider's credentials and reachability at once, sending no mail."""
+
+    async def one(name: str, provider: Provider) -> dict[str, object]:
+        try:
+            await asyncio.wait_for(provider.check(), timeout=timeout_s)
+        except ProviderError as exc:
+            return {"provider": name, "ok": False, "kind": exc.kind, "error": exc.detail}
+        except TimeoutError:
+            return {
+                "provider": name,
+                "ok": False,
+                "kind": "unavailable",
+                "error": f"no answer within {timeout_s:.0f}s",
+            }
+        return {"provider": name, "ok": True, "kind": None, "error": None}
+
+    return list(await asyncio.gather(*(one(n, p) for n, p in providers.items())))
