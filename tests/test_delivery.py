@@ -185,7 +185,7 @@ async def test_a_dead_workers_claim_is_delivered_after_its_lease(
 
     from relay.delivery.engine import DeliveryEngine
 
-    engine = DeliveryEngine(service.store, service.providers, service.settings.delivery)
+    engine = DeliveryEngine(service.store, service.router, service.settings.delivery)
     await engine.start()
     try:
         found = await wait_for_status(service, message.id, {"sent"}, timeout=15)
@@ -215,7 +215,7 @@ async def test_shutdown_releases_claims_it_did_not_start(start_relay: StartRelay
         )
     from relay.delivery.engine import DeliveryEngine
 
-    engine = DeliveryEngine(service.store, service.providers, service.settings.delivery)
+    engine = DeliveryEngine(service.store, service.router, service.settings.delivery)
     await engine.start()
     await asyncio.sleep(0.3)
     await engine.stop()
