@@ -51,6 +51,29 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     show = queue_commands.add_parser("show", help="one message with per-recipient outcome")
     show.add_argument("message_id", help="the queue id from the 250 reply")
+    queue_commands.add_parser("flush", help="make deferred mail due now (runbook 4.2)")
+    stuck = queue_commands.add_parser(
+        "requeue-stuck", help="return messages claimed long ago to the queue (runbook 4.2)"
+    )
+    stuck.add_argument("--older-than", default="30m", help="claim age (default 30m)")
+    stuck.add_argument("--reset-retry-count", action="store_true")
+
+    commands.add_parser("stats", help="delivery and error rates, queue depth (JSON)")
+
+    recipients = commands.add_parser("recipients", help="recipient list maintenance")
+    recipient_commands = recipients.add_subparsers(
+        dest="recipients_command", required=True, metavar="ACTION"
+    )
+    cleanup = recipient_commands.add_parser(
+        "cleanup", help="mark addresses with repeated hard bounces INACTIVE (runbook 4.3)"
+    )
+    cleanup.add_argument("--threshold", type=int, default=3)
+
+    maintenance = commands.add_parser(
+        "maintenance", help="service-wide maintenance mode (runbook 6.1)"
+    )
+    maintenance.add_argument("state", choices=["on", "off", "status"])
+    maintenance.add_argument("--message", help="text for the 421 reply")
 
     commands.add_parser(
         "hash-password",
@@ -123,11 +146,111 @@ def main(argv: list[str] | None = None) -> int:
         return _run(_with_store(settings, lambda store: _show(store, args.message_id)))
     if args.command == "rate-limit":
         return _run(_with_store(settings, lambda store: _rate_limit(store, settings, args)))
+    if args.command == "queue" and args.queue_command == "flush":
+        return _run(_with_store(settings, _flush))
+    if args.command == "queue" and args.queue_command == "requeue-stuck":
+        return _run(_with_store(settings, lambda store: _requeue_stuck(store, args)))
+    if args.command == "stats":
+        return _run(_with_store(settings, _print_stats))
+    if args.command == "recipients":
+        return _run(_with_store(settings, lambda store: _cleanup(store, args.threshold)))
+    if args.command == "maintenance":
+        return _run(_with_store(settings, lambda store: _maintenance(store, args)))
     if args.command == "providers":
         return _run(_validate_providers(settings, args.names, as_json=args.json))
     if args.command == "audit":
         return _run(_with_store(settings, lambda store: _audit(store, args.limit)))
     raise AssertionError(args)
+
+
+def _operator() -> str:
+    return f"cli:{getpass.getuser()}"
+
+
+async def _flush(store: SqlStore) -> int:
+    await store.migrate()
+    count = await store.flush(now=utcnow())
+    await store.audit(
+        action="queue.flush", outcome="success", user_id=_operator(), detail=str(count)
+    )
+    print(
+        f"{count} deferred message(s) due now; running relays pick them up within"
+        " delivery.process_interval"
+    )
+    return 0
+
+
+async def _requeue_stuck(store: SqlStore, args: argparse.Namespace) -> int:
+    from relay.config import parse_duration
+
+    await store.migrate()
+    count = await store.requeue_stuck(
+        older_than=utcnow() - parse_duration(args.older_than),
+        reset_retries=args.reset_retry_count,
+    )
+    await store.audit(
+        action="queue.requeue_stuck",
+        outcome="success",
+        user_id=_operator(),
+        detail=json.dumps({"older_than": args.older_than, "count": count}),
+    )
+    print(f"{count} message(s) returned to the queue")
+    return 0
+
+
+async def _print_stats(store: SqlStore) -> int:
+    from datetime import timedelta
+
+    await store.migrate()
+    now = utcnow()
+    queue = await store.stats(now=now)
+    finished = await store.outcomes_since(now - timedelta(hours=1))
+    total = sum(finished.values())
+    delivered = finished.get("sent", 0)
+    report = {
+        "counts": queue.counts,
+        "queue_depth": queue.depth(),
+        "deferred": queue.deferred,
+        "oldest_queued_age_seconds": (
+            (now - queue.oldest_queued_at).total_seconds() if queue.oldest_queued_at else None
+        ),
+        "window_seconds": 3600,
+        "finished": finished,
+        "delivery_rate": round(100 * delivered / total, 2) if total else None,
+        "error_rate": round(100 * (total - delivered) / total, 2) if total else None,
+    }
+    print(json.dumps(report, default=str))
+    return 0
+
+
+async def _cleanup(store: SqlStore, threshold: int) -> int:
+    await store.migrate()
+    count = await store.deactivate_hard_bounces(threshold=threshold)
+    await store.audit(
+        action="recipients.cleanup",
+        outcome="success",
+        user_id=_operator(),
+        detail=json.dumps({"threshold": threshold, "count": count}),
+    )
+    print(f"{count} address(es) marked INACTIVE")
+    return 0
+
+
+async def _maintenance(store: SqlStore, args: argparse.Namespace) -> int:
+    from relay.service import MAINTENANCE
+
+    await store.migrate()
+    if args.state == "status":
+        state = await store.get_state(MAINTENANCE)
+        value = json.loads(state[0]) if state else {"enabled": False, "message": None}
+        print(json.dumps({**value, "updated_by": state[1] if state else None}))
+        return 0
+    enabled = args.state == "on"
+    value = json.dumps({"enabled": enabled, "message": args.message})
+    await store.set_state(MAINTENANCE, value, updated_by=_operator())
+    await store.audit(action="maintenance", outcome="success", user_id=_operator(), detail=value)
+    print(f"maintenance {args.state}; every relay follows within 5 s")
+    return 0
 
 
 async def _validate_providers(settings: Settings, names: list[str], *, as_json: bool) -> int:

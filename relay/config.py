@@ -186,12 +186,38 @@ class WorkspaceSettings(_Section):
         return result
 
 
+class AdminToken(_Section):
+    """A bearer token for the admin API; its name is what the audit log records."""
+
+    name: str = Field(min_length=1, max_length=64, description="Who holds it (audit user).")
+    token: SecretStr | None = Field(None, description="The token (prefer token_file).")
+    token_file: Path | None = Field(None, description="File holding the token.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AdminToken:
+        if (self.token is None) == (self.token_file is None):
+            raise ValueError("give exactly one of token and token_file")
+        if self.token is not None and len(self.token.get_secret_value()) < 16:
+            raise ValueError("token must be at least 16 characters")
+        return self
+
+    def value(self) -> str:
+        if self.token_file is not None:
+            return self.token_file.read_text().strip()
+        assert self.token is not None
+        return self.token.get_secret_value()
+
+
 class HttpSettings(_Section):
-    """The HTTP port: health probes now, metrics and the admin API later."""
+    """Health, metrics and the admin API."""
 
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8080, ge=0, le=65535, description="Port to listen on (0 picks a free one).")
     enabled: bool = Field(True, description="Serve HTTP at all.")
+    admin_tokens: list[AdminToken] = Field(
+        default_factory=list,
+        description="Bearer tokens for /api and /validate. None: the admin API refuses all.",
+    )
 
 
 class SqliteSettings(_Section):
@@ -473,6 +499,11 @@ ProviderSettings = Annotated[
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = Field("json", description="json in production.")
+    addresses: Literal["hashed", "plain"] = Field(
+        "hashed",
+        description="How mail addresses appear in logs: for health mail an address is "
+        "health data, so a stable hash unless configured otherwise.",
+    )
 
 
 def _default_providers() -> dict[str, ProviderSettings]:

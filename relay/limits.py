@@ -145,6 +145,10 @@ class OverrideCache:
     def stale(self) -> bool:
         return time.monotonic() - self._loaded_at > _OVERRIDE_CACHE_S
 
+    def invalidate(self) -> None:
+        """Read again at the next use (this replica just changed them)."""
+        self._loaded_at = -_OVERRIDE_CACHE_S
+
     def current(self) -> list[Override]:
         return list(self._overrides.values())
 

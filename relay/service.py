@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 from collections.abc import Iterator
 
 import uvicorn
 
-from relay.api.app import Probes, create_app
+from relay import metrics
+from relay.api.app import create_app
+from relay.clock import utcnow
 from relay.config import Settings
 from relay.delivery.engine import DeliveryEngine
 from relay.delivery.providers import build_providers
@@ -22,6 +25,10 @@ from relay.logs import event
 from relay.queue import create_store
 
 log = logging.getLogger("relay.service")
+
+MAINTENANCE = "maintenance"
+_MONITOR_EVERY_S = 5.0
+_DEFAULT_MAINTENANCE_REPLY = "421 4.3.2 Service under maintenance, try again later"
 
 
 class _EmbeddedHttpServer(uvicorn.Server):
@@ -40,12 +47,12 @@ class RelayService:
         self.router = Router(self.providers, settings)
         self.gate = Gate()
         self.engine = DeliveryEngine(self.store, self.router, settings.delivery)
-        self.handler = IngestHandler(
-            self.store, settings, gate=self.gate, on_queued=self.engine.wake
-        )
+        self.handler = IngestHandler(self.store, settings, gate=self.gate, on_queued=self.wake)
         self.ingest = IngestServer(self.handler, settings.smtp, self.gate)
+        self.draining = False
         self._http: _EmbeddedHttpServer | None = None
         self._http_task: asyncio.Task[None] | None = None
+        self._monitor_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
     @property
@@ -57,15 +64,20 @@ class RelayService:
         assert self._http is not None and self._http.servers
         return int(self._http.servers[0].sockets[0].getsockname()[1])
 
+    def wake(self) -> None:
+        self.engine.wake()
+
     async def start(self) -> None:
         await self.store.open()
         applied = await self.store.migrate()
         if applied:
             event(log, "queue.migrated", backend=self.store.backend, versions=applied)
+        await self._observe()
         await self.engine.start()
         if self.settings.http.enabled:
             await self._start_http()
         await self.ingest.start()
+        self._monitor_task = asyncio.create_task(self._monitor(), name="monitor")
         event(
             log,
             "relay.started",
@@ -74,9 +86,8 @@ class RelayService:
         )
 
     async def _start_http(self) -> None:
-        app = create_app(Probes(database_ping=self.store.ping, accepting=lambda: self.gate.open))
         config = uvicorn.Config(
-            app,
+            create_app(self),
             host=self.settings.http.host,
             port=self.settings.http.port,
             log_config=None,
@@ -91,9 +102,70 @@ class RelayService:
                 raise RuntimeError("HTTP server failed to start")
             await asyncio.sleep(0.01)
 
+    # Maintenance mode (runbook 6.1): service-wide, kept in the database
+
+    async def set_maintenance(self, enabled: bool, message: str | None, by: str) -> None:
+        value = json.dumps({"enabled": enabled, "message": message})
+        await self.store.set_state(MAINTENANCE, value, updated_by=by)
+        await self._observe()
+
+    def _apply_maintenance(self, enabled: bool, message: str | None) -> None:
+        if self.draining:
+            return
+        if enabled:
+            reply = _DEFAULT_MAINTENANCE_REPLY
+            if message:
+                reply = "421 4.3.2 " + " ".join(message.split())[:200]
+            if self.gate.closed_reply != reply:
+                event(log, "relay.maintenance", enabled=True)
+            self.gate.close(reply)
+        elif not self.gate.open:
+            event(log, "relay.maintenance", enabled=False)
+            self.gate.reopen()
+        metrics.maintenance_mode.set(1 if enabled else 0)
+
+    # What the metrics and the gate follow: the shared database, every few seconds
+
+    async def _monitor(self) -> None:
+        while True:
+            await asyncio.sleep(_MONITOR_EVERY_S)
+            await self._observe()
+
+    async def _observe(self) -> None:
+        try:
+            state = await self.store.get_state(MAINTENANCE)
+            if state is not None:
+                wanted = json.loads(state[0])
+                self._apply_maintenance(bool(wanted.get("enabled")), wanted.get("message"))
+            now = utcnow()
+            stats = await self.store.stats(now=now)
+        except Exception as exc:
+            metrics.errors_total.labels("store").inc()
+            event(log, "monitor.failed", logging.WARNING, error=exc.__class__.__name__)
+        else:
+            metrics.email_queue_depth.set(stats.depth())
+            for status in ("queued", "processing", "sent", "failed", "bounced"):
+                metrics.email_queue_messages.labels(status).set(stats.counts.get(status, 0))
+            age = (now - stats.oldest_queued_at).total_seconds() if stats.oldest_queued_at else 0
+            metrics.email_queue_oldest_age_seconds.set(age)
+        for entry in self.router.health():
+            metrics.provider_health.labels(entry["provider"]).set(1 if entry["healthy"] else 0)
+        for workspace in set(self.settings.workspaces) | {self.settings.smtp.workspace}:
+            limits = self.settings.workspace(workspace).limits
+            remaining = self.handler.limiter.remaining(workspace)
+            metrics.rate_limit_burst.labels(workspace).set(limits.rate_limit_burst)
+            metrics.rate_limit_remaining.labels(workspace).set(
+                limits.rate_limit_burst if remaining is None else remaining
+            )
+        metrics.smtp_sessions.set(len(self.gate.sessions))
+
     async def stop(self) -> None:
         grace = self.settings.delivery.shutdown_grace.total_seconds()
         event(log, "relay.stopping", grace_s=grace)
+        self.draining = True
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            await asyncio.gather(self._monitor_task, return_exceptions=True)
         await self.ingest.drain(grace)
         await self.engine.stop()
         await self.router.close()

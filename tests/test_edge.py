@@ -564,8 +564,7 @@ async def test_daily_quota_is_exact_and_overrides_raise_it(start_relay: StartRel
     await service.store.set_override(
         Override("default", utcnow() + timedelta(hours=1), workspace_daily=5)
     )
-    service.handler.overrides.load([])  # forget the cache, as 5 s would
-    service.handler.overrides._loaded_at = -1e9
+    service.handler.overrides.invalidate()  # as the 5 s cache lifetime would
     codes = [(await converse(service.smtp_port, send_one))[0] for _ in range(3)]
     assert codes == [250, 250, 451]
     assert await queued(service) == 5

@@ -339,7 +339,7 @@ async def test_http_probes(start_relay: StartRelay) -> None:
     assert status == 200 and b'"database":"ok"' in body
     service.gate.close()
     status, body = await asyncio.to_thread(_http_get, service.http_port, "/readyz")
-    assert status == 503 and b"draining" in body
+    assert status == 503 and b"not accepting" in body
 
 
 async def test_draining_relay_answers_421_but_finishes_open_transactions(

@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from datetime import timedelta
 
+from relay import metrics
 from relay.clock import utcnow
 from relay.config import DeliverySettings
 from relay.delivery.retry import RetryPolicy, decide
@@ -31,6 +32,8 @@ from relay.queue.store import StoreUnavailable
 log = logging.getLogger("relay.delivery")
 
 _REAP_EVERY_S = 30.0
+# messages.status after an attempt, as emails_processed_total's outcome label.
+_OUTCOMES = {"queued": "deferred"}
 _STORE_RETRY_S = 2.0
 
 
@@ -192,6 +195,7 @@ class DeliveryEngine:
                 await self.deliver(message)
             except StoreUnavailable as exc:
                 # The lease will expire and the message will be tried again; nothing is lost.
+                metrics.errors_total.labels("store").inc()
                 event(
                     log,
                     "delivery.store_failed",
@@ -200,6 +204,7 @@ class DeliveryEngine:
                     error=str(exc),
                 )
             except Exception:
+                metrics.errors_total.labels("crash").inc()
                 log.exception("delivery.crashed", extra={"message_id": message.id})
             finally:
                 self._held.discard(message.id)
@@ -218,6 +223,12 @@ class DeliveryEngine:
             provider_error="; ".join(routed.errors) or None,
         )
         held = await self._complete(message, result)
+        elapsed = time.monotonic() - started
+        outcome = _OUTCOMES.get(result.status.value, result.status.value)
+        metrics.emails_processed_total.labels(message.workspace_id, outcome).inc()
+        if outcome == "sent":
+            metrics.emails_delivered_total.labels(message.workspace_id).inc()
+        metrics.email_processing_duration_seconds.observe(elapsed)
         event(
             log,
             "delivery.attempt",
@@ -228,7 +239,7 @@ class DeliveryEngine:
             outcome=result.status.value,
             recipients=len(message.recipients),
             retry_count=result.retry_count,
-            duration_ms=round((time.monotonic() - started) * 1000, 1),
+            duration_ms=round(elapsed * 1000, 1),
             lease_held=held,
         )
         return result

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from relay import metrics
 from relay.config import BreakerSettings, ProviderLimits, Settings
 from relay.delivery.providers.base import (
     Envelope,
@@ -187,10 +188,15 @@ class Router:
             except ProviderError as exc:
                 route.breaker.failure(exc)
                 route.last_failure_at = time.time()
+                metrics.provider_requests_total.labels(name, exc.kind).inc()
+                metrics.errors_total.labels("provider").inc()
+                metrics.provider_health.labels(name).set(int(route.breaker.state == CLOSED))
                 errors.append(exc.detail)
                 continue
             route.breaker.success()
             route.last_success_at = time.time()
+            metrics.provider_requests_total.labels(name, "success").inc()
+            metrics.provider_health.labels(name).set(1)
             by_address = {result.address: result for result in results}
             outcome = {
                 r.row_id: by_address[r.address] for r in remaining if r.address in by_address

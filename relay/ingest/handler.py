@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from aiosmtpd.smtp import AuthResult, Envelope, Session
 
+from relay import metrics
 from relay.clock import utcnow
 from relay.config import RateLimits, Settings
 from relay.ids import new_queue_id
@@ -164,6 +165,7 @@ class IngestHandler:
         limits = await self._limits(identity.workspace_id)
         empty = self.limiter.take(limits, identity.workspace_id, str(identity))
         if empty is not None:
+            metrics.rate_limit_rejections_total.labels(identity.workspace_id, empty).inc()
             event(
                 log,
                 "smtp.rate_limited",
@@ -252,6 +254,9 @@ class IngestHandler:
         try:
             await self.store.enqueue(message)
         except QuotaExceeded as exceeded:
+            metrics.rate_limit_rejections_total.labels(
+                identity.workspace_id, str(exceeded.args[0])
+            ).inc()
             event(
                 log,
                 "smtp.quota_exceeded",
@@ -273,6 +278,7 @@ class IngestHandler:
             )
             return "451 4.3.0 Queue temporarily unavailable, try again later"
         self.on_queued()
+        metrics.smtp_messages_accepted_total.labels(identity.workspace_id).inc()
         event(
             log,
             "smtp.queued",

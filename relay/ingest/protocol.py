@@ -22,6 +22,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
+from relay import metrics
 from relay.config import SmtpSettings
 from relay.ingest.policy import in_networks
 
@@ -168,6 +169,8 @@ class RelaySMTP(SMTP):
         if isinstance(status, str) and not self._in_ehlo and not status.startswith("220"):
             status = with_enhanced_code(status)
         text = status if isinstance(status, str) else ""
+        if text[:1] in ("2", "4", "5"):
+            metrics.smtp_replies_total.labels(text[0] + "xx").inc()
         if text.startswith("421"):
             # 421 means the server closes the channel (RFC 5321 section 3.8).
             self._write(text)

@@ -54,7 +54,7 @@ class _MysqlTx(Tx):
 
 class MysqlStore(SqlStore):
     backend = "mysql"
-    migrations = schema.MYSQL
+    migrations = (*schema.MYSQL, schema.MYSQL_STATE)
     # ON DUPLICATE KEY rather than INSERT IGNORE: IGNORE raises a server warning per call.
     ensure_quota_row_sql = (
         "INSERT INTO quota_usage (workspace_id, subject, day, used) VALUES (?, ?, ?, 0)"

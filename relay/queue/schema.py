@@ -259,5 +259,36 @@ SQLITE += (
 )
 
 
+# Version 3 is the bounce-processing schema (relay/bounces); 4 is appended after it.
+MYSQL_STATE = Migration(
+    4,
+    "service-wide state: maintenance mode",
+    (
+        """
+        CREATE TABLE IF NOT EXISTS relay_state (
+            name VARCHAR(64) NOT NULL PRIMARY KEY,
+            value TEXT NOT NULL,
+            updated_by VARCHAR(255) NULL,
+            updated_at DATETIME(6) NOT NULL
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+        """,
+    ),
+)
+SQLITE_STATE = Migration(
+    4,
+    "service-wide state: maintenance mode",
+    (
+        """
+        CREATE TABLE IF NOT EXISTS relay_state (
+            name TEXT NOT NULL PRIMARY KEY,
+            value TEXT NOT NULL,
+            updated_by TEXT NULL,
+            updated_at TEXT NOT NULL
+        )
+        """,
+    ),
+)
+
+
 def pending(applied: set[int], migrations: tuple[Migration, ...]) -> list[Migration]:
     return [m for m in migrations if m.version not in applied]

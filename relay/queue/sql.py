@@ -484,6 +484,73 @@ class SqlStore(abc.ABC):
             ],
         }
 
+    # Operations (runbook sections 2-4): state, statistics, manual queue actions
+
+    async def get_state(self, name: str) -> tuple[str, str | None] | None:
+        async with self.transaction() as tx:
+            rows = await tx.fetchall(
+                "SELECT value, updated_by FROM relay_state WHERE name = ?", (name,)
+            )
+        return (str(rows[0][0]), rows[0][1]) if rows else None
+
+    async def set_state(self, name: str, value: str, *, updated_by: str | None) -> None:
+        async with self.transaction() as tx:
+            await tx.execute("DELETE FROM relay_state WHERE name = ?", (name,))
+            await tx.execute(
+                "INSERT INTO relay_state (name, value, updated_by, updated_at) VALUES (?, ?, ?, ?)",
+                (name, value, updated_by, self.to_db_time(utcnow())),
+            )
+
+    async def outcomes_since(self, since: datetime) -> dict[str, int]:
+        """Messages finished since `since`, by final status (for /api/stats rates)."""
+        async with self.transaction() as tx:
+            rows = await tx.fetchall(
+                "SELECT status, COUNT(*) FROM messages WHERE processed_at >= ?"
+                " AND status IN (?, ?, ?) GROUP BY status",
+                (
+                    self.to_db_time(since),
+                    MessageStatus.SENT.value,
+                    MessageStatus.FAILED.value,
+                    MessageStatus.BOUNCED.value,
+                ),
+            )
+        return {str(status): int(count) for status, count in rows}
+
+    async def flush(self, *, now: datetime) -> int:
+        """Make every deferred message due now (Postfix's `postqueue -f`)."""
+        async with self.transaction() as tx:
+            return await tx.execute(
+                "UPDATE messages SET next_attempt_at = ? WHERE status = ? AND next_attempt_at > ?",
+                (self.to_db_time(now), MessageStatus.QUEUED.value, self.to_db_time(now)),
+            )
+
+    async def deactivate_hard_bounces(self, *, threshold: int) -> int:
+        """Runbook 4.3's clean-up: addresses with `threshold` hard bounces become INACTIVE."""
+        async with self.transaction() as tx:
+            return await tx.execute(
+                "UPDATE recipients SET status = 'INACTIVE', updated_at = ?"
+                " WHERE bounce_type = 'HARD' AND bounce_count >= ? AND status <> 'INACTIVE'",
+                (self.to_db_time(utcnow()), threshold),
+            )
+
+    async def requeue_stuck(self, *, older_than: datetime, reset_retries: bool) -> int:
+        """Runbook 4.2: return messages claimed before `older_than` to the queue.
+
+        Leases do this by themselves when a worker dies; this is for an operator who
+        knows a claim is dead before its lease says so.
+        """
+        reset = ", retry_count = 0" if reset_retries else ""
+        async with self.transaction() as tx:
+            return await tx.execute(
+                "UPDATE messages SET status = ?, claimed_by = NULL, claim_expires_at = NULL"
+                f"{reset} WHERE status = ? AND processed_at < ?",
+                (
+                    MessageStatus.QUEUED.value,
+                    MessageStatus.PROCESSING.value,
+                    self.to_db_time(older_than),
+                ),
+            )
+
 
 @asynccontextmanager
 async def no_lock() -> AsyncIterator[None]:

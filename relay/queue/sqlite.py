@@ -45,7 +45,7 @@ class _SqliteTx(Tx):
 
 class SqliteStore(SqlStore):
     backend = "sqlite"
-    migrations = schema.SQLITE
+    migrations = (*schema.SQLITE, schema.SQLITE_STATE)
     table_exists_sql = "SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?"
     ensure_quota_row_sql = (
         "INSERT INTO quota_usage (workspace_id, subject, day, used) VALUES (?, ?, ?, 0)"
