@@ -488,3 +488,24 @@ def test_the_api_survives_fuzzing_against_its_own_schema(tmp_path: Path) -> None
     finally:
         relay.send_signal(signal.SIGTERM)
         relay.wait(timeout=30)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("mode", ["hashed", "plain"])
+async def test_logs_carry_addresses_only_as_configured(
+    start_relay: StartRelay, caplog: pytest.LogCaptureFixture, mode: str
+) -> None:
+    from relay.logs import hash_address
+
+    service = await start_relay(log={"addresses": mode})
+    with caplog.at_level("INFO"):
+        await submit(service, sender="patient.sender@example.org")
+    queued = [r for r in caplog.records if r.getMessage() == "smtp.queued"]
+    assert queued
+    shown = queued[0].sender  # type: ignore[attr-defined]
+    if mode == "plain":
+        assert shown == "patient.sender@example.org"
+    else:
+        assert shown == hash_address("patient.sender@example.org")
+        assert "patient.sender@example.org" not in caplog.text
+    assert "p0@example.net" not in caplog.text

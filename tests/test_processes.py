@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -213,3 +214,62 @@ def test_an_unreachable_database_stops_startup_with_a_clear_error(tmp_path: Path
     assert result.returncode == 1
     assert "MySQL queue unavailable" in result.stderr
     assert "hunter2-secret" not in result.stderr + result.stdout
+
+
+@pytest.mark.slow
+async def test_daily_quota_is_exact_across_two_relay_processes(
+    mariadb: MariaDB, tmp_path: Path
+) -> None:
+    database = f"relay_{secrets.token_hex(6)}"
+    mariadb.create_database(database)
+    queue = {"backend": "mysql", "mysql": mysql_settings(mariadb, database)}
+    ports = []
+    processes = []
+    for name in ("a", "b"):
+        smtp_port = free_port()
+        config = write_config(
+            tmp_path / f"{name}.yaml",
+            {
+                "smtp": {"port": smtp_port, "hostname": f"relay-{name}.test"},
+                "http": {"port": free_port()},
+                "queue": queue,
+                "providers": {"outbox": {"type": "outbox", "directory": str(tmp_path / name)}},
+                "delivery": {"process_interval": "1h"},
+                "workspaces": {"default": {"limits": {"workspace_daily": 50}}},
+            },
+        )
+        processes.append(start_process(config, tmp_path / f"{name}.log"))
+        ports.append(smtp_port)
+    try:
+        for port in ports:
+            wait_for_port(port)
+
+        def hammer(port: int) -> list[int]:
+            codes = []
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                for n in range(40):
+                    client.ehlo("app")
+                    client.mail("a@example.org")
+                    client.rcpt(f"p{n}@example.net")
+                    codes.append(client.data(b"Subject: q\r\n\r\nx\r\n")[0])
+            return codes
+
+        # Both replicas race for the same 50-recipient quota, 80 messages in all.
+        results = await asyncio.gather(*(asyncio.to_thread(hammer, p) for p in ports))
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            process.wait(timeout=60)
+    accepted = sum(codes.count(250) for codes in results)
+    refused = sum(codes.count(451) for codes in results)
+    assert (accepted, refused) == (50, 30)
+    assert all(250 in codes for codes in results), "both replicas accepted some"
+
+    store = create_store(relay_settings(tmp_path, queue))
+    await store.open()
+    counts = (await store.stats(now=utcnow())).counts
+    used = await store.quota_used("default", utcnow().date().isoformat())
+    await store.close()
+    assert sum(counts.values()) == 50
+    assert used["*"] == 50

@@ -285,7 +285,7 @@ class IngestHandler:
             message_id=queue_id,
             workspace=identity.workspace_id,
             user=identity.user,
-            sender=hash_address(sender) if sender else "",
+            sender=self._show(sender) if sender else "",
             recipients=len(recipients),
             size=len(message.content),
             client=server.peer_ip,
@@ -293,6 +293,10 @@ class IngestHandler:
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
     # Helpers
+
+    def _show(self, address: str) -> str:
+        """An address as logs may carry it (log.addresses): hashed unless configured plain."""
+        return address if self.settings.log.addresses == "plain" else hash_address(address)
 
     async def _limits(self, workspace_id: str) -> RateLimits:
         now = utcnow()
