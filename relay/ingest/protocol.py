@@ -16,6 +16,7 @@ What this layer adds to aiosmtpd (pinned to 1.4.x: a few of its private hooks ar
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections import Counter
 from typing import Any
@@ -55,6 +56,10 @@ _BARE_LINE_END = re.compile(rb"(?<!\r)\n|\r(?!\n)")
 # (RFC 4954 section 5) and the DSN parameters of RFC 3461. Accepted and kept with the
 # message; the relay does not offer DSN itself.
 _TOLERATED_PARAMETERS = ("AUTH", "ENVID", "RET", "ORCPT", "NOTIFY")
+
+# aiosmtpd logs every command line, addresses included, at INFO ("mail.log"): for health
+# mail an address is health data, so that logger only ever speaks of warnings.
+logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 SHUTDOWN_REPLY = "421 4.3.2 Service shutting down, try another server"
 BARE_LINE_END_REPLY = (
