@@ -91,8 +91,9 @@ async def start_relay(queue_settings: dict[str, Any], tmp_path: Path) -> AsyncIt
     """Start in-process relays on free ports; each is stopped at the end of the test."""
     started: list[RelayService] = []
 
-    async def start(**sections: Any) -> RelayService:
-        service = RelayService(relay_settings(tmp_path, queue_settings, **sections))
+    async def start(queue: dict[str, Any] | None = None, **sections: Any) -> RelayService:
+        settings = relay_settings(tmp_path, queue or queue_settings, **sections)
+        service = RelayService(settings)
         await service.start()
         started.append(service)
         return service

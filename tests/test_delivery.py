@@ -222,3 +222,78 @@ async def test_shutdown_releases_claims_it_did_not_start(start_relay: StartRelay
     stats = await service.store.stats(now=utcnow())
     assert stats.counts.get("processing", 0) == 0
     assert stats.counts["queued"] == 5
+
+
+async def test_smarthost_starttls_and_auth_against_a_tls_peer(
+    start_relay: StartRelay, tmp_path: Path
+) -> None:
+    """Relay A hands mail to relay B, which demands STARTTLS then AUTH (a real TLS peer)."""
+    import trustme
+
+    from relay.ingest.policy import hash_password
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("smarthost.test", "127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "b.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "b.key"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    (tmp_path / "smarthost-password").write_text("relay-a-secret-password\n")
+
+    smarthost_b = await start_relay(
+        smtp={
+            "port": 0,
+            "hostname": "smarthost.test",
+            "trusted_networks": [],
+            "tls": {"cert_file": str(tmp_path / "b.pem"), "key_file": str(tmp_path / "b.key")},
+        },
+        queue={"backend": "sqlite", "sqlite": {"path": str(tmp_path / "b.db")}},
+        providers={"outbox": {"type": "outbox", "directory": str(tmp_path / "b-outbox")}},
+        workspaces={
+            "relay-a": {
+                "users": {"relay-a": {"password_hash": hash_password("relay-a-secret-password")}}
+            }
+        },
+        delivery={"providers": ["outbox"]},
+    )
+    relay_a = await start_relay(
+        providers={
+            "b": {
+                "type": "smtp",
+                "host": "127.0.0.1",
+                "port": smarthost_b.smtp_port,
+                "tls": "starttls",
+                "ca_file": str(tmp_path / "ca.pem"),
+                "username": "relay-a",
+                "password_file": str(tmp_path / "smarthost-password"),
+            }
+        },
+        delivery={"providers": ["b"]},
+    )
+    queue_id = await submit(
+        relay_a.smtp_port, "a@example.org", ["b@example.net"], b"Subject: via b\r\n\r\nx\r\n"
+    )
+    found = await wait_for_status(relay_a, queue_id, {"sent"})
+    b_id = found["recipients"][0]["provider_message_id"]
+    delivered = (tmp_path / "b-outbox" / f"{b_id}.eml").read_bytes()
+    assert b"with ESMTPSA id" in delivered, "B saw TLS and AUTH"
+    assert f"id {queue_id}".encode() in delivered, "A's trace header travelled with it"
+
+
+async def test_required_starttls_is_never_downgraded(
+    start_relay: StartRelay, smtp_sink: SmtpSink
+) -> None:
+    # smtp-sink offers no STARTTLS: with tls=starttls (the default) nothing may be sent.
+    service = await start_relay(
+        providers={"smarthost": {"type": "smtp", "host": "127.0.0.1", "port": smtp_sink.port}},
+        delivery={"providers": ["smarthost"], "min_backoff": "1h", "max_backoff": "2h"},
+    )
+    queue_id = await submit(
+        service.smtp_port, "a@example.org", ["b@example.net"], b"Subject: x\r\n\r\nx\r\n"
+    )
+    deadline = asyncio.get_running_loop().time() + 10
+    while (found := await service.store.message_status(queue_id)) and found["retry_count"] == 0:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+    assert found["status"] == "queued"
+    assert "STARTTLS" in found["error"] or "starttls" in found["error"].lower()
+    assert smtp_sink.messages() == []
