@@ -62,7 +62,9 @@ async def until(predicate: Any, timeout: float = 15) -> None:
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
-async def test_health_follows_the_runbook_structure(start_relay: StartRelay) -> None:
+async def test_health_follows_the_runbook_structure(
+    start_relay: StartRelay, tmp_path: Path
+) -> None:
     service = await start_relay(
         providers={
             "primary": {
@@ -72,7 +74,7 @@ async def test_health_follows_the_runbook_structure(start_relay: StartRelay) -> 
                 "tls": "none",
                 "timeout": "1s",
             },
-            "outbox": {"type": "outbox", "directory": "/tmp/relay-health-outbox"},
+            "outbox": {"type": "outbox", "directory": str(tmp_path / "outbox")},
         },
         delivery={"providers": ["primary", "outbox"], "breaker": {"failure_threshold": 1}},
         http={"port": 0, "admin_tokens": TOKENS},
