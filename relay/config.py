@@ -286,6 +286,11 @@ class ProviderLimits(_Section):
 class DeliverySettings(_Section):
     """Delivery workers (runbook 7.2) and the retry policy."""
 
+    enabled: bool = Field(
+        True,
+        description="Run delivery workers here. false: an ingest-only replica, or a relay "
+        "holding all mail (Postfix's hold queue) while others deliver.",
+    )
     worker_count: int = Field(10, ge=1, le=1000, description="Concurrent deliveries.")
     batch_size: int = Field(50, ge=1, le=1000, description="Messages claimed per query.")
     process_interval: Duration = Field(
@@ -496,6 +501,65 @@ ProviderSettings = Annotated[
 ]
 
 
+class BounceSettings(_Section):
+    """Bounce processing and the suppression list (runbook 4.3; relay/bounces)."""
+
+    verp_domain: str | None = Field(
+        None,
+        description="Domain of the VERP return paths (bounces+<id>-<row>-<tag>@domain). Mail "
+        "for it is accepted from anyone, but only to validly tagged addresses, and is "
+        "processed as a bounce, never relayed. None: no VERP, no inbound bounces.",
+    )
+    verp_key: SecretStr | None = Field(
+        None, description="HMAC key tagging VERP addresses (prefer verp_key_file)."
+    )
+    verp_key_file: Path | None = Field(None, description="File holding the VERP key.")
+    hard_bounce_threshold: int = Field(
+        3, ge=1, le=1000, description="Hard bounces in a row that make an address INACTIVE."
+    )
+    soft_bounce_retry: Duration = Field(
+        timedelta(hours=24), description="A soft-bounced recipient is sent again after this."
+    )
+    suppressed_action: Literal["refuse", "record"] = Field(
+        "refuse",
+        description="Mail to an INACTIVE address: refuse at RCPT with 550, or accept and "
+        "record the recipient as BOUNCED (suppressed) without sending.",
+    )
+    mailgun_webhook_signing_key: SecretStr | None = Field(
+        None, description="Mailgun's webhook signing key (prefer the file)."
+    )
+    mailgun_webhook_signing_key_file: Path | None = Field(
+        None, description="File holding Mailgun's webhook signing key."
+    )
+
+    @field_validator("verp_domain")
+    @classmethod
+    def _a_label(cls, domain: str | None) -> str | None:
+        # Compared with RCPT domains, which ingest converts to lower-case IDNA2008 A-labels.
+        if domain is None:
+            return None
+        name = domain.strip().lower().rstrip(".")
+        if not name.isascii():
+            name = idna.encode(name, uts46=True).decode("ascii")
+        if "." not in name or not re.fullmatch(r"[a-z0-9.-]+", name):
+            raise ValueError("not a domain name")
+        return name
+
+    @model_validator(mode="after")
+    def _key_for_verp(self) -> BounceSettings:
+        if self.verp_domain and not (self.verp_key or self.verp_key_file):
+            raise ValueError("verp_domain needs verp_key_file (or verp_key)")
+        if self.verp_key is not None and len(self.verp_key.get_secret_value()) < 16:
+            raise ValueError("verp_key must be at least 16 characters")
+        return self
+
+    def resolved_verp_key(self) -> bytes:
+        return _secret(self.verp_key, self.verp_key_file).encode()
+
+    def resolved_mailgun_signing_key(self) -> str:
+        return _secret(self.mailgun_webhook_signing_key, self.mailgun_webhook_signing_key_file)
+
+
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = Field("json", description="json in production.")
@@ -529,6 +593,7 @@ class Settings(BaseSettings):
         description="Named delivery providers.",
     )
     log: LogSettings = LogSettings()
+    bounces: BounceSettings = BounceSettings()
     workspaces: dict[str, WorkspaceSettings] = Field(
         default_factory=dict, description="Tenants, by workspace id."
     )

@@ -73,7 +73,8 @@ class RelayService:
         if applied:
             event(log, "queue.migrated", backend=self.store.backend, versions=applied)
         await self._observe()
-        await self.engine.start()
+        if self.settings.delivery.enabled:
+            await self.engine.start()
         if self.settings.http.enabled:
             await self._start_http()
         await self.ingest.start()
