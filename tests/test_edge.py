@@ -568,3 +568,46 @@ async def test_daily_quota_is_exact_and_overrides_raise_it(start_relay: StartRel
     codes = [(await converse(service.smtp_port, send_one))[0] for _ in range(3)]
     assert codes == [250, 250, 451]
     assert await queued(service) == 5
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "<a@example.org>",
+        "<a.b+tag@mail.example.org> SIZE=100 BODY=8BITMIME",
+        "<a@example.org>  SIZE=100",
+        "<first.last@sub-domain.example.co.uk>",
+        "<odd!chars#$%&'*+/=?^_`{|}~-@example.org>",
+        "<a@example.org> AUTH=<>",
+        '<"quoted local"@example.org>',
+        "<a..b@example.org>",
+        "<a@-example.org>",
+        "<a@example.org",
+        "a@example.org",
+        "<>",
+        "<jürgen@example.de>",
+    ],
+)
+def test_fast_address_path_agrees_with_aiosmtpd(arg: str) -> None:
+    from aiosmtpd.smtp import SMTP
+
+    from relay.ingest.protocol import _PLAIN_ADDRESS
+
+    class Bare(SMTP):
+        def __init__(self) -> None:  # only the parser is used
+            self.local_part_limit = 0
+
+    reference = Bare()._getaddr(arg)
+    plain = _PLAIN_ADDRESS.fullmatch(arg)
+    if plain:
+        assert (plain[1], plain[2] or "") == reference
+    # The everyday forms must take the fast path; unusual ones must not.
+    assert bool(plain) == (
+        arg.startswith("<")
+        and "@" in arg
+        and arg.isascii()
+        and '"' not in arg
+        and ".." not in arg
+        and "@-" not in arg
+        and ">" in arg
+    )

@@ -52,6 +52,13 @@ _ENHANCED = {
 }
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?:\s|$)")
 _BARE_LINE_END = re.compile(rb"(?<!\r)\n|\r(?!\n)")
+# The address form nearly every client sends: <dot-atom@host-name> with ASCII atoms.
+# aiosmtpd's general parser (the email package's RFC 5322 grammar) costs about a tenth of
+# a message's CPU time; this path gives the same answer for this form, the rest falls back.
+_PLAIN_ADDRESS = re.compile(
+    r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)>(?: +(.*))?"
+)
 # Parameters real clients send that aiosmtpd would answer with 555: Outlook's AUTH=<>
 # (RFC 4954 section 5) and the DSN parameters of RFC 3461. Accepted and kept with the
 # message; the relay does not offer DSN itself.
@@ -234,6 +241,8 @@ class RelaySMTP(SMTP):
         # that honours them is open).
         if arg and arg.lstrip().startswith("<@"):
             return None, None
+        if arg and (plain := _PLAIN_ADDRESS.fullmatch(arg)):
+            return plain[1], plain[2] or ""
         return super()._getaddr(arg)
 
     def _getparams(self, params: Any) -> dict[str, str | bool] | None:
