@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     cleanup.add_argument("--threshold", type=int, default=3)
 
+    _bounce_commands(commands)
+
     maintenance = commands.add_parser(
         "maintenance", help="service-wide maintenance mode (runbook 6.1)"
     )
@@ -154,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(_with_store(settings, _print_stats))
     if args.command == "recipients":
         return _run(_with_store(settings, lambda store: _cleanup(store, args.threshold)))
+    if args.command in ("suppressions", "bounces"):
+        return _run(_with_store(settings, lambda store: _bounces(store, settings, args)))
     if args.command == "maintenance":
         return _run(_with_store(settings, lambda store: _maintenance(store, args)))
     if args.command == "providers":
@@ -234,6 +238,97 @@ async def _cleanup(store: SqlStore, threshold: int) -> int:
     )
     print(f"{count} address(es) marked INACTIVE")
     return 0
+
+
+def _bounce_commands(commands: Any) -> None:
+    suppressions = commands.add_parser(
+        "suppressions", help="the suppression list: INACTIVE addresses (runbook 4.3)"
+    )
+    actions = suppressions.add_subparsers(
+        dest="suppressions_command", required=True, metavar="ACTION"
+    )
+    listing = actions.add_parser("list", help="suppressed addresses, newest first")
+    listing.add_argument("--workspace", help="only this workspace (default: all)")
+    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    for name, text in (
+        ("show", "one address: bounce counts, suppression, recent events"),
+        ("add", "suppress an address by hand"),
+        ("remove", "lift a suppression (the bounce count starts again)"),
+    ):
+        action = actions.add_parser(name, help=text)
+        action.add_argument("address")
+        action.add_argument("--workspace", help="default: smtp.workspace")
+        if name == "add":
+            action.add_argument(
+                "--reason", choices=["manual", "complaint", "hard_bounce"], default="manual"
+            )
+            action.add_argument("--detail", help="why, for the record")
+    bounces = commands.add_parser("bounces", help="bounce statistics (runbook 4.3)")
+    bounce_actions = bounces.add_subparsers(dest="bounces_command", required=True, metavar="ACTION")
+    stats = bounce_actions.add_parser(
+        "stats", help="by workspace and type, by recipient domain, by reason (JSON)"
+    )
+    stats.add_argument("--workspace", help="only this workspace (default: all)")
+    stats.add_argument("--hours", type=int, default=24, help="window (default 24)")
+
+
+async def _bounces(store: SqlStore, settings: Settings, args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from relay.bounces.model import SuppressionReason
+    from relay.ingest.policy import AddressError, normalise
+
+    await store.migrate()
+    if args.command == "bounces":
+        since = utcnow() - timedelta(hours=args.hours)
+        report = await store.bounce_stats(since=since, workspace_id=args.workspace)
+        print(json.dumps({"since": since, **report}, default=_json_default, indent=2))
+        return 0
+    action = args.suppressions_command
+    if action == "list":
+        found = await store.suppressions(workspace_id=args.workspace, limit=args.limit)
+        if args.json:
+            print(json.dumps(found, default=_json_default))
+        for entry in [] if args.json else found:
+            print(
+                f"{entry['workspace_id']:<16} {entry['email_address']:<40}"
+                f" {entry['reason']:<12} since {_json_default(entry['since'])}"
+            )
+        return 0
+    workspace = args.workspace or settings.smtp.workspace
+    try:
+        address = normalise(args.address, smtputf8=True, role="recipient").lower()
+    except AddressError as exc:
+        print(f"smtp-relay: {exc.args[0]}", file=sys.stderr)
+        return EXIT_CONFIG
+    if action == "show":
+        record = await store.recipient_record(workspace_id=workspace, address=address)
+        if record is None:
+            print(f"smtp-relay: no bounce record for {address} in {workspace}", file=sys.stderr)
+            return 3
+        print(json.dumps(record, default=_json_default, indent=2))
+        return 0
+    if action == "add":
+        changed = await store.suppress(
+            workspace_id=workspace,
+            address=address,
+            reason=SuppressionReason(args.reason),
+            detail=args.detail,
+            created_by=_operator(),
+            now=utcnow(),
+        )
+    else:
+        changed = await store.unsuppress(workspace_id=workspace, address=address, now=utcnow())
+    await store.audit(
+        action=f"suppression.{action}",
+        outcome="success" if changed else "unchanged",
+        user_id=_operator(),
+        detail=json.dumps({"workspace": workspace, "address": address}),
+    )
+    done = {"add": ("suppressed", "already suppressed"), "remove": ("lifted", "not suppressed")}
+    print(f"{address} in {workspace}: {done[action][0 if changed else 1]}")
+    return 0 if changed or action == "add" else 3
 
 
 async def _maintenance(store: SqlStore, args: argparse.Namespace) -> int:

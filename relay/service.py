@@ -46,8 +46,10 @@ class RelayService:
         self.providers = build_providers(settings)
         self.router = Router(self.providers, settings)
         self.gate = Gate()
-        self.engine = DeliveryEngine(self.store, self.router, settings.delivery)
         self.handler = IngestHandler(self.store, settings, gate=self.gate, on_queued=self.wake)
+        self.engine = DeliveryEngine(
+            self.store, self.router, settings.delivery, bounces=self.handler.bounces
+        )
         self.ingest = IngestServer(self.handler, settings.smtp, self.gate)
         self.draining = False
         self._http: _EmbeddedHttpServer | None = None
@@ -140,6 +142,7 @@ class RelayService:
                 self._apply_maintenance(bool(wanted.get("enabled")), wanted.get("message"))
             now = utcnow()
             stats = await self.store.stats(now=now)
+            await self.handler.bounces.observe_gauges()
         except Exception as exc:
             metrics.errors_total.labels("store").inc()
             event(log, "monitor.failed", logging.WARNING, error=exc.__class__.__name__)

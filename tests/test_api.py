@@ -454,6 +454,7 @@ def test_the_api_survives_fuzzing_against_its_own_schema(tmp_path: Path) -> None
                 "http": {"port": http_port, "admin_tokens": TOKENS},
                 "queue": {"sqlite": {"path": str(tmp_path / "q.db")}},
                 "providers": {"outbox": {"type": "outbox", "directory": str(tmp_path / "o")}},
+                "bounces": {"mailgun_webhook_signing_key": "webhook-signing-" + "z" * 20},
             }
         )
     )

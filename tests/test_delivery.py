@@ -297,3 +297,54 @@ async def test_required_starttls_is_never_downgraded(
     assert found["status"] == "queued"
     assert "STARTTLS" in found["error"] or "starttls" in found["error"].lower()
     assert smtp_sink.messages() == []
+
+
+async def test_delivery_uses_verp_and_learns_from_permanent_refusals(
+    start_relay: StartRelay,
+) -> None:
+    """The smarthost answers "user unknown" to every RCPT: each counts as a hard bounce."""
+    sink = SmtpSink.start("-f", "RCPT", "-B", "550 5.1.1 Recipient address rejected: User unknown")
+    try:
+        service = await start_relay(
+            providers={"smarthost": smarthost(sink.port)},
+            delivery={"providers": ["smarthost"]},
+            bounces={"verp_domain": "bounces.relay.test", "verp_key": "verp-key-" + "k" * 16},
+        )
+        for _ in range(3):
+            queue_id = await submit(
+                service.smtp_port,
+                "clinic@example.org",
+                ["gone@example.net"],
+                b"Subject: x\r\n\r\nx\r\n",
+            )
+            await wait_for_status(service, queue_id, {"failed"})
+
+        def refused() -> tuple[int, bytes]:
+            with smtplib.SMTP("127.0.0.1", service.smtp_port, timeout=10) as client:
+                client.ehlo("app")
+                client.mail("clinic@example.org")
+                return client.rcpt("gone@example.net")
+
+        code, text = await asyncio.to_thread(refused)
+        assert (code, text) == (550, b"5.1.1 Recipient suppressed after repeated hard bounces")
+    finally:
+        sink.stop()
+
+
+async def test_the_return_path_is_a_verp_address(
+    start_relay: StartRelay, smtp_sink: SmtpSink
+) -> None:
+    service = await start_relay(
+        providers={"smarthost": smarthost(smtp_sink.port)},
+        delivery={"providers": ["smarthost"]},
+        bounces={"verp_domain": "bounces.relay.test", "verp_key": "verp-key-" + "k" * 16},
+    )
+    queue_id = await submit(
+        service.smtp_port, "clinic@example.org", ["p@example.net"], b"Subject: x\r\n\r\nx\r\n"
+    )
+    await wait_for_status(service, queue_id, {"sent"})
+    [dumped] = smtp_sink.messages()
+    assert dumped.mail_from.endswith("@bounces.relay.test")
+    assert queue_id.lower() in dumped.mail_from.lower()
+    assert service.handler.bounces.verp is not None
+    assert service.handler.bounces.verp.owns(dumped.mail_from)

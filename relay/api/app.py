@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from relay import __version__
+from relay.api.bounces import bounce_router
 from relay.clock import utcnow
 from relay.config import Settings
 from relay.delivery.providers import Provider, validate_all
@@ -229,6 +230,7 @@ def create_app(relay: RelayView) -> FastAPI:
         return holder
 
     Admin = Annotated[str, Depends(admin)]
+    app.include_router(bounce_router(relay.handler.bounces, authorize=admin))
 
     # Probes, health, metrics: open, as Kubernetes and Prometheus need them.
 

@@ -20,9 +20,11 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 from relay import metrics
+from relay.bounces.suppression import BounceProcessor
 from relay.clock import utcnow
 from relay.config import DeliverySettings
-from relay.delivery.retry import RetryPolicy, decide
+from relay.delivery.providers.base import Outcome
+from relay.delivery.retry import ProviderAttempt, RetryPolicy, decide
 from relay.delivery.routing import Router
 from relay.logs import event
 from relay.queue.model import AttemptResult, ClaimedMessage
@@ -49,9 +51,11 @@ class DeliveryEngine:
         settings: DeliverySettings,
         *,
         worker_id: str | None = None,
+        bounces: BounceProcessor | None = None,
     ) -> None:
         self.store = store
         self.router = router
+        self.bounces = bounces
         self.settings = settings
         self.worker_id = worker_id or default_worker_id()
         self.policy = RetryPolicy(settings.min_backoff, settings.max_backoff, settings.max_age)
@@ -214,7 +218,13 @@ class DeliveryEngine:
     async def deliver(self, message: ClaimedMessage) -> AttemptResult:
         started = time.monotonic()
         content = await self.store.load_content(message.id)
-        routed = await self.router.route(message, content)
+        # With a VERP domain configured, bounces come back to an address naming this message.
+        return_path = (
+            self.bounces.return_path(message_id=message.id, original=message.from_email)
+            if self.bounces is not None
+            else None
+        )
+        routed = await self.router.route(message, content, mail_from=return_path)
         result = decide(
             message,
             routed.attempts,
@@ -223,6 +233,7 @@ class DeliveryEngine:
             provider_error="; ".join(routed.errors) or None,
         )
         held = await self._complete(message, result)
+        await self._learn_from_refusals(message, routed.attempts)
         elapsed = time.monotonic() - started
         outcome = _OUTCOMES.get(result.status.value, result.status.value)
         metrics.emails_processed_total.labels(message.workspace_id, outcome).inc()
@@ -243,6 +254,31 @@ class DeliveryEngine:
             lease_held=held,
         )
         return result
+
+    async def _learn_from_refusals(
+        self, message: ClaimedMessage, attempts: Sequence[ProviderAttempt]
+    ) -> None:
+        """Permanent refusals at send time count towards suppression, like bounces."""
+        if self.bounces is None:
+            return
+        for attempt in attempts:
+            for result in attempt.results.values():
+                if result.outcome is not Outcome.PERMANENT:
+                    continue
+                try:
+                    await self.bounces.record_send_failure(
+                        workspace_id=message.workspace_id,
+                        address=result.address,
+                        detail=result.detail,
+                    )
+                except Exception as exc:
+                    event(
+                        log,
+                        "delivery.bounce_record_failed",
+                        logging.WARNING,
+                        message_id=message.id,
+                        error=exc.__class__.__name__,
+                    )
 
     async def _complete(self, message: ClaimedMessage, result: AttemptResult) -> bool:
         # The mail has left: recording that must outlast a short database outage, or the

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from aiosmtpd.smtp import AuthResult, Envelope, Session
 
 from relay import metrics
+from relay.bounces import metrics as bounce_metrics
+from relay.bounces.model import MessageBusy
+from relay.bounces.suppression import REFUSALS, BounceProcessor
 from relay.clock import utcnow
 from relay.config import RateLimits, Settings
 from relay.ids import new_queue_id
@@ -65,6 +68,7 @@ class IngestHandler:
         self.authenticator = Authenticator(settings)
         self.limiter = RateLimiter()
         self.overrides = OverrideCache()
+        self.bounces = BounceProcessor(store, settings)
 
     # Session
 
@@ -146,7 +150,11 @@ class IngestHandler:
             return self.gate.closed_reply or SHUTDOWN_REPLY
         identity = self.identity(server, session)
         if identity is None:
-            return AUTH_REQUIRED
+            if self.bounces.verp is None:
+                return AUTH_REQUIRED
+            # Reports on mail we sent come from any MTA: the one exception to "authenticate
+            # or be trusted". RCPT then accepts only our VERP addresses (never relayed).
+            return self._report_sender(envelope, address, mail_options)
         workspace = self.settings.workspace(identity.workspace_id)
         smtputf8 = "SMTPUTF8" in mail_options
         if address == "<>":
@@ -200,20 +208,43 @@ class IngestHandler:
             return "250 2.1.5 Recipient ok (duplicate ignored)"
         if len(envelope.rcpt_tos) >= self.smtp.max_recipients:
             return "452 4.5.3 Too many recipients"
+        verp = self.bounces.verp
+        if verp is not None and verp.owns(address):
+            # The bounce domain is final here: a report is processed, never relayed, and
+            # only to addresses whose tag we made (else anyone could suppress anyone).
+            if verp.parse(address) is None:
+                return "550 5.1.1 Unknown bounce address"
+            envelope.rcpt_tos.append(address)
+            return "250 2.1.5 Bounce address ok"
+        identity = self.identity(server, session)
+        if identity is None:
+            return AUTH_REQUIRED
+        suppressed = await self._suppression(identity.workspace_id, address)
+        if suppressed is not None and self.settings.bounces.suppressed_action == "refuse":
+            bounce_metrics.suppressed_rcpt_total.labels("refused").inc()
+            return suppressed
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
+        if suppressed is not None:
+            bounce_metrics.suppressed_rcpt_total.labels("recorded").inc()
+            return "250 2.1.5 Recipient suppressed: recorded as bounced, not sent"
         return "250 2.1.5 Recipient ok"
 
     # Commit
 
     async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
+        original = envelope.original_content or b""
+        reports = [a for a in envelope.rcpt_tos if self.bounces.verp and self.bounces.verp.owns(a)]
+        if reports:
+            refused = await self._take_report(reports, original, server.peer_ip)
+            if refused is not None or len(reports) == len(envelope.rcpt_tos):
+                return refused or "250 2.0.0 Ok: report received"
         identity = self.identity(server, session)
-        if identity is None:  # pragma: no cover - MAIL already required it
+        if identity is None:  # pragma: no cover - MAIL and RCPT already required it
             return AUTH_REQUIRED
         queue_id = new_queue_id()
         now = utcnow()
-        recipients = tuple(envelope.rcpt_tos)
-        original = envelope.original_content or b""
+        recipients = tuple(a for a in envelope.rcpt_tos if a not in reports)
         sender = "" if envelope.mail_from == "<>" else envelope.mail_from or ""
         trace = received_header(
             helo=session.host_name,
@@ -250,6 +281,7 @@ class IngestHandler:
             client_address=server.peer_ip,
             mail_options=tuple(envelope.mail_options),
             quota=quota,
+            suppressed=await self._recorded(identity.workspace_id, recipients),
         )
         try:
             await self.store.enqueue(message)
@@ -291,6 +323,66 @@ class IngestHandler:
             client=server.peer_ip,
         )
         return f"250 2.0.0 Ok: queued as {queue_id}"
+
+    # Bounces (relay/bounces)
+
+    def _report_sender(self, envelope: Envelope, address: str, mail_options: list[str]) -> str:
+        if address != "<>":
+            try:
+                address = normalise(address, smtputf8="SMTPUTF8" in mail_options, role="sender")
+            except AddressError as refused:
+                return str(refused.args[0])
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Sender ok"
+
+    async def _suppression(self, workspace_id: str, address: str) -> str | None:
+        """The 550 for a suppressed address, or None."""
+        try:
+            found = await self.bounces.suppressed(workspace_id, [address])
+        except Exception as exc:
+            # Open, not closed: without the database DATA answers 451 anyway, and a
+            # suppression missed once costs one more bounce, not a lost message.
+            event(log, "smtp.suppression_check_failed", logging.WARNING, error=repr(exc)[:200])
+            return None
+        reason = found.get(address)
+        return REFUSALS[reason] if reason is not None else None
+
+    async def _recorded(
+        self, workspace_id: str, recipients: tuple[str, ...]
+    ) -> tuple[tuple[str, str], ...]:
+        """suppressed_action record: the recipients to store as BOUNCED, with the reason."""
+        if self.settings.bounces.suppressed_action != "record":
+            return ()
+        try:
+            found = await self.bounces.suppressed(workspace_id, recipients)
+        except Exception:
+            return ()  # the enqueue that follows reports the outage
+        return tuple(
+            (a, f"suppressed ({found[a].value}), not sent") for a in recipients if a in found
+        )
+
+    async def _take_report(self, addresses: list[str], raw: bytes, peer: str) -> str | None:
+        """Process a report sent to our VERP addresses; None when it is taken."""
+        verp = self.bounces.verp
+        assert verp is not None
+        targets = [t for a in addresses if (t := verp.parse(a)) is not None]
+        try:
+            result = await self.bounces.process_inbound(targets, raw)
+        except MessageBusy:
+            return "451 4.3.0 Message being delivered right now, try again later"
+        except Exception as exc:
+            event(log, "bounce.report_failed", logging.ERROR, error=repr(exc)[:300])
+            return "451 4.3.0 Report could not be recorded, try again later"
+        event(
+            log,
+            "bounce.report",
+            client=peer,
+            format=result.format,
+            applied=len(result.applied),
+            duplicate=result.duplicate,
+        )
+        return None
 
     # Helpers
 

@@ -46,6 +46,9 @@ class NewMessage:
     client_address: str | None = None
     mail_options: tuple[str, ...] = ()
     quota: QuotaCharge | None = None
+    # Recipients on the suppression list (bounces.suppressed_action: record): stored as
+    # BOUNCED with the reason, never sent.
+    suppressed: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

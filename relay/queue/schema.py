@@ -137,6 +137,62 @@ MYSQL += (
     ),
 )
 
+
+MYSQL += (
+    Migration(
+        3,
+        "bounce processing: webhook replay protection, suppressions, bounce history",
+        (
+            # Ids that may be processed once (Mailgun tokens and events, inbound reports),
+            # kept in the database so that every replica agrees; pruned after expires_at.
+            """
+            CREATE TABLE IF NOT EXISTS webhook_events (
+                source VARCHAR(32) CHARACTER SET ascii NOT NULL,
+                event_key VARCHAR(128) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+                received_at DATETIME(6) NOT NULL,
+                expires_at DATETIME(6) NOT NULL,
+                PRIMARY KEY (source, event_key),
+                INDEX idx_webhook_events_expires (expires_at)
+            ) ENGINE=InnoDB
+            """,
+            # Why an address is INACTIVE; recipients.status is what RCPT checks, so the
+            # runbook's own clean-up (which writes only that) still suppresses.
+            """
+            CREATE TABLE IF NOT EXISTS suppressions (
+                workspace_id VARCHAR(255) NOT NULL,
+                email_address VARCHAR(320) NOT NULL,
+                reason VARCHAR(32) NOT NULL,
+                detail TEXT NULL,
+                created_by VARCHAR(255) NULL,
+                created_at DATETIME(6) NOT NULL,
+                PRIMARY KEY (email_address, workspace_id),
+                INDEX idx_suppressions_workspace (workspace_id, created_at)
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+            """,
+            # Every bounce, complaint and delivery event applied: recipients keeps only
+            # the running count, this keeps what happened. No foreign key: messages are
+            # purged after 90 days (runbook 6.1), their history is not.
+            """
+            CREATE TABLE IF NOT EXISTS bounce_events (
+                id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+                workspace_id VARCHAR(255) NOT NULL,
+                email_address VARCHAR(320) NOT NULL,
+                message_id VARCHAR(32) CHARACTER SET ascii COLLATE ascii_bin NULL,
+                recipient_row_id BIGINT NULL,
+                source VARCHAR(16) NOT NULL,
+                bounce_type VARCHAR(16) NOT NULL,
+                status VARCHAR(16) NULL,
+                reason TEXT NULL,
+                created_at DATETIME(6) NOT NULL,
+                INDEX idx_bounce_events_address (email_address, workspace_id),
+                INDEX idx_bounce_events_created (created_at)
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+            """,
+        ),
+    ),
+)
+
+
 SQLITE: tuple[Migration, ...] = (
     Migration(
         1,
@@ -254,6 +310,58 @@ SQLITE += (
                 created_at TEXT NOT NULL
             )
             """,
+        ),
+    ),
+)
+
+
+SQLITE += (
+    Migration(
+        3,
+        "bounce processing: webhook replay protection, suppressions, bounce history",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS webhook_events (
+                source TEXT NOT NULL,
+                event_key TEXT NOT NULL,
+                received_at TEXT NOT NULL,
+                expires_at TEXT NOT NULL,
+                PRIMARY KEY (source, event_key)
+            ) WITHOUT ROWID
+            """,
+            """CREATE INDEX IF NOT EXISTS idx_webhook_events_expires
+               ON webhook_events (expires_at)""",
+            """
+            CREATE TABLE IF NOT EXISTS suppressions (
+                workspace_id TEXT NOT NULL,
+                email_address TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                detail TEXT NULL,
+                created_by TEXT NULL,
+                created_at TEXT NOT NULL,
+                PRIMARY KEY (email_address, workspace_id)
+            ) WITHOUT ROWID
+            """,
+            """CREATE INDEX IF NOT EXISTS idx_suppressions_workspace
+               ON suppressions (workspace_id, created_at)""",
+            """
+            CREATE TABLE IF NOT EXISTS bounce_events (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                workspace_id TEXT NOT NULL,
+                email_address TEXT NOT NULL,
+                message_id TEXT NULL,
+                recipient_row_id INTEGER NULL,
+                source TEXT NOT NULL,
+                bounce_type TEXT NOT NULL,
+                status TEXT NULL,
+                reason TEXT NULL,
+                created_at TEXT NOT NULL
+            )
+            """,
+            """CREATE INDEX IF NOT EXISTS idx_bounce_events_address
+               ON bounce_events (email_address, workspace_id)""",
+            """CREATE INDEX IF NOT EXISTS idx_bounce_events_created
+               ON bounce_events (created_at)""",
         ),
     ),
 )

@@ -17,6 +17,17 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
+from relay.bounces.model import (
+    Applied,
+    ApplyResult,
+    BounceEvent,
+    BouncePolicy,
+    EventKind,
+    MessageBusy,
+    OnceKey,
+    RecipientStatus,
+    SuppressionReason,
+)
 from relay.clock import utcnow
 from relay.limits import Override, QuotaCharge, QuotaExceeded
 from relay.queue import schema
@@ -137,6 +148,10 @@ class SqlStore(abc.ABC):
 
     async def enqueue(self, message: NewMessage) -> None:
         queued_at = self.to_db_time(message.queued_at)
+        suppressed = dict(message.suppressed)
+        status = MessageStatus.QUEUED
+        if suppressed and all(address in suppressed for address in message.recipients):
+            status = MessageStatus.BOUNCED  # nothing to send: never claimed
         async with self.transaction() as tx:
             await tx.execute(
                 "INSERT INTO messages (id, workspace_id, from_email, to_emails, subject,"
@@ -148,7 +163,7 @@ class SqlStore(abc.ABC):
                     message.from_email,
                     json.dumps(list(message.recipients), ensure_ascii=False),
                     message.subject,
-                    MessageStatus.QUEUED.value,
+                    status.value,
                     len(message.content),
                     " ".join(message.mail_options),
                     message.client_address,
@@ -162,9 +177,19 @@ class SqlStore(abc.ABC):
             )
             await tx.executemany(
                 "INSERT INTO message_recipients (message_id, email_address, delivery_status,"
-                " updated_at) VALUES (?, ?, ?, ?)",
+                " bounce_reason, updated_at) VALUES (?, ?, ?, ?, ?)",
                 [
-                    (message.id, address, DeliveryStatus.QUEUED.value, queued_at)
+                    (
+                        message.id,
+                        address,
+                        (
+                            DeliveryStatus.BOUNCED
+                            if address in suppressed
+                            else DeliveryStatus.QUEUED
+                        ).value,
+                        suppressed.get(address),
+                        queued_at,
+                    )
                     for address in message.recipients
                 ],
             )
@@ -550,6 +575,512 @@ class SqlStore(abc.ABC):
                     self.to_db_time(older_than),
                 ),
             )
+
+    # Bounces and suppressions (relay/bounces, runbook 4.3) ---------------------------
+    #
+    # recipients holds one row per address that ever bounced or was suppressed, keyed by
+    # the address in lower case (local parts are case-insensitive in practice, and one
+    # spelling keeps SQLite's exact comparison and MySQL's collation in agreement).
+    # bounce_count counts bounces in a row of the kind in bounce_type; a bounce of the
+    # other kind, or a delivery, starts the count again. status is ACTIVE, BOUNCED (it
+    # bounced lately) or INACTIVE (suppressed: RCPT refuses it).
+
+    async def apply_bounces(
+        self,
+        events: Sequence[BounceEvent],
+        *,
+        policy: BouncePolicy,
+        now: datetime,
+        once: Sequence[OnceKey] = (),
+    ) -> ApplyResult:
+        """Apply events in one transaction; nothing at all if any `once` key was seen."""
+        async with self.transaction() as tx:
+            # Expired ids first: one seen long ago is no longer a replay.
+            await tx.execute(
+                "DELETE FROM webhook_events WHERE expires_at < ?", (self.to_db_time(now),)
+            )
+            for key in once:
+                seen = await tx.fetchall(
+                    "SELECT 1 FROM webhook_events WHERE source = ? AND event_key = ?",
+                    (key.source, key.key),
+                )
+                if seen:
+                    return ApplyResult(duplicate=key.source)
+            # A racing replica inserting the same key fails on the primary key: the
+            # transaction rolls back and the caller asks the sender to try again.
+            await tx.executemany(
+                "INSERT INTO webhook_events (source, event_key, received_at, expires_at)"
+                " VALUES (?, ?, ?, ?)",
+                [
+                    (k.source, k.key, self.to_db_time(now), self.to_db_time(k.expires_at))
+                    for k in once
+                ],
+            )
+            applied = [await self._apply_bounce(tx, e, policy, now) for e in events]
+        return ApplyResult(duplicate=None, applied=tuple(applied))
+
+    async def _apply_bounce(
+        self, tx: Tx, event: BounceEvent, policy: BouncePolicy, now: datetime
+    ) -> Applied:
+        target = await self._bounce_target(tx, event)
+        if target is not None:
+            workspace_id, address = str(target[3]), str(target[1])
+        elif event.message_id is None and event.workspace_id and event.address:
+            workspace_id, address = event.workspace_id, event.address
+        else:
+            return Applied(event, matched=False)
+        address = address.lower()
+
+        status, count, suppressed = await self._mark_recipient(
+            tx, workspace_id, address, event, policy, now
+        )
+        row_status = message_status = None
+        if target is not None and event.touch_message:
+            row_status, message_status = await self._mark_row(tx, target, event, policy, now)
+        await tx.execute(
+            "INSERT INTO bounce_events (workspace_id, email_address, message_id,"
+            " recipient_row_id, source, bounce_type, status, reason, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                workspace_id,
+                address,
+                event.message_id if target is not None else None,
+                int(target[0]) if target is not None else None,
+                event.source.value,
+                event.kind.value,
+                event.status,
+                event.reason[:2000] or None,
+                self.to_db_time(now),
+            ),
+        )
+        return Applied(
+            event,
+            matched=True,
+            workspace_id=workspace_id,
+            address=address,
+            recipient_status=status,
+            bounce_count=count,
+            suppressed_now=suppressed,
+            row_status=row_status,
+            message_status=message_status,
+        )
+
+    async def _bounce_target(self, tx: Tx, event: BounceEvent) -> Row | None:
+        """(row id, address, delivery_status, workspace, message status, queued_at,
+        next_attempt_at) of the recipient row the event is about, if it still exists."""
+        if event.message_id is None:
+            return None
+        select = (
+            "SELECT mr.id, mr.email_address, mr.delivery_status, m.workspace_id, m.status,"
+            " m.queued_at, m.next_attempt_at FROM message_recipients mr"
+            " JOIN messages m ON m.id = mr.message_id WHERE mr.message_id = ?"
+        )
+        if event.row_id is not None:
+            rows = await tx.fetchall(select + " AND mr.id = ?", (event.message_id, event.row_id))
+        elif event.address:
+            rows = await tx.fetchall(
+                select + " AND LOWER(mr.email_address) = ? ORDER BY mr.id",
+                (event.message_id, event.address.lower()),
+            )
+        else:
+            return None
+        return rows[0] if rows else None
+
+    async def _ensure_recipient(self, tx: Tx, workspace_id: str, address: str, now: Any) -> None:
+        skip = (
+            " ON CONFLICT DO NOTHING"
+            if self.backend == "sqlite"
+            else " ON DUPLICATE KEY UPDATE id = id"
+        )
+        await tx.execute(
+            "INSERT INTO recipients (workspace_id, email_address, status, bounce_count,"
+            " created_at, updated_at) VALUES (?, ?, ?, 0, ?, ?)" + skip,
+            (workspace_id, address, RecipientStatus.ACTIVE.value, now, now),
+        )
+
+    async def _mark_recipient(
+        self,
+        tx: Tx,
+        workspace_id: str,
+        address: str,
+        event: BounceEvent,
+        policy: BouncePolicy,
+        now: datetime,
+    ) -> tuple[RecipientStatus | None, int, SuppressionReason | None]:
+        at = self.to_db_time(now)
+        key = (address, workspace_id)
+        where = " WHERE email_address = ? AND workspace_id = ?"
+        if event.kind is EventKind.DELIVERED:
+            # The address took mail: it is not "bouncing repeatedly" any more. A
+            # suppression stays until someone lifts it.
+            await tx.execute(
+                "UPDATE recipients SET status = ?, bounce_count = 0, updated_at = ?"
+                + where
+                + " AND status = ?",
+                (RecipientStatus.ACTIVE.value, at, *key, RecipientStatus.BOUNCED.value),
+            )
+            rows = await tx.fetchall("SELECT status FROM recipients" + where, key)
+            return (RecipientStatus(rows[0][0]) if rows else None), 0, None
+
+        await self._ensure_recipient(tx, workspace_id, address, at)
+        if event.kind is not EventKind.COMPLAINT:
+            # Two statements, not one: MySQL evaluates SET left to right with the new
+            # values, SQLite with the old ones. The first UPDATE also takes the row lock,
+            # so a concurrent bounce for the same address waits for this one.
+            await tx.execute(
+                "UPDATE recipients SET bounce_count = CASE WHEN bounce_type = ?"
+                " THEN bounce_count + 1 ELSE 1 END, updated_at = ?" + where,
+                (event.kind.value, at, *key),
+            )
+            await tx.execute(
+                "UPDATE recipients SET bounce_type = ?, last_bounce_date = ?" + where,
+                (event.kind.value, at, *key),
+            )
+        rows = await tx.fetchall("SELECT status, bounce_count FROM recipients" + where, key)
+        status, count = RecipientStatus(rows[0][0]), int(rows[0][1])
+        if status is RecipientStatus.INACTIVE:
+            return status, count, None
+        reason: SuppressionReason | None = None
+        if event.kind is EventKind.COMPLAINT:
+            reason = SuppressionReason.COMPLAINT
+        elif event.kind is EventKind.HARD and count >= policy.hard_bounce_threshold:
+            reason = SuppressionReason.HARD_BOUNCE
+        new = RecipientStatus.INACTIVE if reason else RecipientStatus.BOUNCED
+        await tx.execute(
+            "UPDATE recipients SET status = ?, updated_at = ?" + where, (new.value, at, *key)
+        )
+        if reason is not None:
+            detail = event.reason
+            if reason is SuppressionReason.HARD_BOUNCE:
+                detail = f"{count} hard bounces in a row; last: {event.reason}"
+            await self._write_suppression(tx, workspace_id, address, reason, detail, None, at)
+        return new, count, reason
+
+    async def _write_suppression(
+        self,
+        tx: Tx,
+        workspace_id: str,
+        address: str,
+        reason: SuppressionReason,
+        detail: str | None,
+        created_by: str | None,
+        at: Any,
+    ) -> None:
+        await tx.execute(
+            "DELETE FROM suppressions WHERE email_address = ? AND workspace_id = ?",
+            (address, workspace_id),
+        )
+        await tx.execute(
+            "INSERT INTO suppressions (workspace_id, email_address, reason, detail,"
+            " created_by, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (workspace_id, address, reason.value, (detail or "")[:2000] or None, created_by, at),
+        )
+
+    async def _mark_row(
+        self, tx: Tx, target: Row, event: BounceEvent, policy: BouncePolicy, now: datetime
+    ) -> tuple[str | None, str | None]:
+        row_id, _, row_status, _, message_status = (int(target[0]), *target[1:5])
+        message_id = str(event.message_id)
+        at = self.to_db_time(now)
+        if event.kind is EventKind.COMPLAINT:
+            return str(row_status), str(message_status)
+        if event.kind is EventKind.DELIVERED:
+            if row_status == DeliveryStatus.SENT.value:
+                await tx.execute(
+                    "UPDATE message_recipients SET bounce_reason = NULL WHERE id = ?", (row_id,)
+                )
+            return str(row_status), str(message_status)
+
+        queued_at = self.from_db_time(target[5])
+        young = (now - queued_at).total_seconds() < policy.max_age_s
+        if event.kind is EventKind.SOFT and event.retry and young:
+            # Runbook 4.3: soft bounces are sent again after a delay (24 h). The message
+            # goes back to the queue with this row pending; a worker holding it now would
+            # overwrite the message's status, so the caller is asked to try again.
+            if message_status == MessageStatus.PROCESSING.value:
+                raise MessageBusy(message_id)
+            due = now + timedelta(seconds=policy.soft_bounce_retry_s)
+            if message_status == MessageStatus.QUEUED.value:
+                due = min(due, self.from_db_time(target[6]))
+            await tx.execute(
+                "UPDATE message_recipients SET delivery_status = ?, bounce_reason = ?,"
+                " updated_at = ? WHERE id = ?",
+                (DeliveryStatus.DEFERRED.value, event.reason[:2000], at, row_id),
+            )
+            await tx.execute(
+                "UPDATE messages SET status = ?, next_attempt_at = ?, claimed_by = NULL,"
+                " claim_expires_at = NULL, error = ? WHERE id = ?",
+                (
+                    MessageStatus.QUEUED.value,
+                    self.to_db_time(due),
+                    f"soft bounce, retry at {due.isoformat()}Z: {event.reason}"[:2000],
+                    message_id,
+                ),
+            )
+            return DeliveryStatus.DEFERRED.value, MessageStatus.QUEUED.value
+
+        await tx.execute(
+            "UPDATE message_recipients SET delivery_status = ?, bounce_reason = ?,"
+            " updated_at = ? WHERE id = ?",
+            (DeliveryStatus.BOUNCED.value, event.reason[:2000] or None, at, row_id),
+        )
+        return DeliveryStatus.BOUNCED.value, await self._settle(tx, message_id, message_status)
+
+    async def _settle(self, tx: Tx, message_id: str, status: Any) -> str:
+        """A message's status after a bounce: `bounced` when every recipient bounced,
+        `failed` when some did (README "States"). Mail a worker holds is left to it, and
+        queued mail while a recipient is still pending."""
+        settled = (
+            MessageStatus.QUEUED.value,
+            MessageStatus.SENT.value,
+            MessageStatus.FAILED.value,
+            MessageStatus.BOUNCED.value,
+        )
+        if status not in settled:
+            return str(status)
+        rows = await tx.fetchall(
+            "SELECT delivery_status, COUNT(*) FROM message_recipients WHERE message_id = ?"
+            " GROUP BY delivery_status",
+            (message_id,),
+        )
+        counts = {str(s): int(n) for s, n in rows}
+        bounced = counts.get(DeliveryStatus.BOUNCED.value, 0)
+        if bounced == sum(counts.values()):
+            new = MessageStatus.BOUNCED.value
+        elif any(counts.get(p.value) for p in PENDING):
+            return str(status)
+        elif bounced or counts.get(DeliveryStatus.FAILED.value):
+            new = MessageStatus.FAILED.value
+        else:
+            new = MessageStatus.SENT.value
+        if new != status:
+            await tx.execute(
+                "UPDATE messages SET status = ? WHERE id = ? AND status = ?",
+                (new, message_id, status),
+            )
+        return new
+
+    async def bounce_candidates(self, message_id: str) -> list[tuple[int, str]] | None:
+        """(row id, address) of a message's recipients; None when the message is gone."""
+        async with self.transaction() as tx:
+            rows = await tx.fetchall(
+                "SELECT id, email_address FROM message_recipients WHERE message_id = ? ORDER BY id",
+                (message_id,),
+            )
+        return [(int(r), str(a)) for r, a in rows] or None
+
+    async def suppression_count(self) -> int:
+        async with self.transaction() as tx:
+            rows = await tx.fetchall(
+                "SELECT COUNT(*) FROM recipients WHERE status = ?",
+                (RecipientStatus.INACTIVE.value,),
+            )
+        return int(rows[0][0])
+
+    async def suppressed_among(
+        self, workspace_id: str, addresses: Sequence[str]
+    ) -> dict[str, SuppressionReason]:
+        """Which of `addresses` (as given) are INACTIVE in the workspace, and why."""
+        if not addresses:
+            return {}
+        by_key = {address.lower(): address for address in addresses}
+        async with self.transaction() as tx:
+            rows = await tx.fetchall(
+                "SELECT r.email_address, s.reason FROM recipients r LEFT JOIN suppressions s"
+                " ON s.email_address = r.email_address AND s.workspace_id = r.workspace_id"
+                f" WHERE r.workspace_id = ? AND r.email_address IN ({_placeholders(len(by_key))})"
+                " AND r.status = ?",
+                (workspace_id, *by_key, RecipientStatus.INACTIVE.value),
+            )
+        found: dict[str, SuppressionReason] = {}
+        for address, reason in rows:
+            original = by_key.get(str(address).lower())
+            if original is not None:
+                found[original] = _reason(reason)
+        return found
+
+    async def suppress(
+        self,
+        *,
+        workspace_id: str,
+        address: str,
+        reason: SuppressionReason,
+        detail: str | None,
+        created_by: str | None,
+        now: datetime,
+    ) -> bool:
+        """Make an address INACTIVE by hand; False when it already was."""
+        address, at = address.lower(), self.to_db_time(now)
+        async with self.transaction() as tx:
+            await self._ensure_recipient(tx, workspace_id, address, at)
+            changed = await tx.execute(
+                "UPDATE recipients SET status = ?, updated_at = ?"
+                " WHERE email_address = ? AND workspace_id = ? AND status <> ?",
+                (
+                    RecipientStatus.INACTIVE.value,
+                    at,
+                    address,
+                    workspace_id,
+                    RecipientStatus.INACTIVE.value,
+                ),
+            )
+            if changed:
+                await self._write_suppression(
+                    tx, workspace_id, address, reason, detail, created_by, at
+                )
+        return bool(changed)
+
+    async def unsuppress(self, *, workspace_id: str, address: str, now: datetime) -> bool:
+        """Lift a suppression; the bounce count starts again from zero. False: none."""
+        address = address.lower()
+        async with self.transaction() as tx:
+            changed = await tx.execute(
+                "UPDATE recipients SET status = ?, bounce_count = 0, updated_at = ?"
+                " WHERE email_address = ? AND workspace_id = ? AND status = ?",
+                (
+                    RecipientStatus.ACTIVE.value,
+                    self.to_db_time(now),
+                    address,
+                    workspace_id,
+                    RecipientStatus.INACTIVE.value,
+                ),
+            )
+            await tx.execute(
+                "DELETE FROM suppressions WHERE email_address = ? AND workspace_id = ?",
+                (address, workspace_id),
+            )
+        return bool(changed)
+
+    _SUPPRESSION_COLUMNS = (
+        "r.workspace_id, r.email_address, r.status, s.reason, s.detail, s.created_by,"
+        " COALESCE(s.created_at, r.updated_at), r.bounce_type, r.bounce_count,"
+        " r.last_bounce_date"
+    )
+
+    def _suppression_view(self, row: Row) -> dict[str, Any]:
+        return {
+            "workspace_id": row[0],
+            "email_address": row[1],
+            "status": row[2],
+            "reason": _reason(row[3]).value if row[2] == "INACTIVE" else None,
+            "detail": row[4],
+            "created_by": row[5],
+            "since": self.from_db_time(row[6]),
+            "bounce_type": row[7],
+            "bounce_count": int(row[8]),
+            "last_bounce_date": self.from_db_time(row[9]) if row[9] else None,
+        }
+
+    async def suppressions(
+        self, *, workspace_id: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        """INACTIVE addresses, most recently changed first."""
+        only = " AND r.workspace_id = ?" if workspace_id is not None else ""
+        async with self.transaction() as tx:
+            rows = await tx.fetchall(
+                f"SELECT {self._SUPPRESSION_COLUMNS} FROM recipients r"
+                " LEFT JOIN suppressions s ON s.email_address = r.email_address"
+                " AND s.workspace_id = r.workspace_id"
+                f" WHERE r.status = ?{only} ORDER BY r.updated_at DESC, r.id DESC"
+                " LIMIT ? OFFSET ?",
+                (
+                    RecipientStatus.INACTIVE.value,
+                    *((workspace_id,) if workspace_id is not None else ()),
+                    limit,
+                    offset,
+                ),
+            )
+        return [self._suppression_view(row) for row in rows]
+
+    async def recipient_record(
+        self, *, workspace_id: str, address: str, events: int = 20
+    ) -> dict[str, Any] | None:
+        """One address's bounce state, suppression and latest events; None if unknown."""
+        key = (address.lower(), workspace_id)
+        async with self.transaction() as tx:
+            rows = await tx.fetchall(
+                f"SELECT {self._SUPPRESSION_COLUMNS} FROM recipients r"
+                " LEFT JOIN suppressions s ON s.email_address = r.email_address"
+                " AND s.workspace_id = r.workspace_id"
+                " WHERE r.email_address = ? AND r.workspace_id = ?",
+                key,
+            )
+            history = await tx.fetchall(
+                "SELECT created_at, source, bounce_type, status, reason, message_id"
+                " FROM bounce_events WHERE email_address = ? AND workspace_id = ?"
+                " ORDER BY id DESC LIMIT ?",
+                (*key, events),
+            )
+        if not rows:
+            return None
+        record = self._suppression_view(rows[0])
+        names = ("at", "source", "type", "status", "reason", "message_id")
+        record["events"] = [
+            dict(zip(names, (self.from_db_time(h[0]), *h[1:]), strict=True)) for h in history
+        ]
+        return record
+
+    async def bounce_stats(
+        self, *, since: datetime, workspace_id: str | None = None, limit: int = 10
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Runbook 4.3's three queries, written once for SQLite and MySQL.
+
+        SUBSTRING_INDEX and DATE_SUB are MySQL's; SUBSTR/INSTR exist in both, and the
+        time bound comes from Python like every other time here.
+        """
+        ws = " AND workspace_id = ?" if workspace_id is not None else ""
+        ws_args: tuple[Any, ...] = (workspace_id,) if workspace_id is not None else ()
+        domain = "LOWER(SUBSTR(email_address, INSTR(email_address, '@') + 1))"
+        async with self.transaction() as tx:
+            by_type = await tx.fetchall(
+                "SELECT workspace_id, bounce_type, COUNT(*), COUNT(DISTINCT email_address)"
+                f" FROM recipients WHERE bounce_count > 0 AND last_bounce_date > ?{ws}"
+                " GROUP BY workspace_id, bounce_type ORDER BY workspace_id, bounce_type",
+                (self.to_db_time(since), *ws_args),
+            )
+            # INACTIVE too: an address suppressed after its third bounce has not stopped
+            # being a problem of its domain.
+            domains = await tx.fetchall(
+                f"SELECT {domain} AS domain, COUNT(*) AS bounced FROM recipients"
+                f" WHERE status IN (?, ?){ws} GROUP BY {domain}"
+                " ORDER BY bounced DESC, domain LIMIT ?",
+                (
+                    RecipientStatus.BOUNCED.value,
+                    RecipientStatus.INACTIVE.value,
+                    *ws_args,
+                    limit,
+                ),
+            )
+            join = " JOIN messages m ON m.id = mr.message_id" if workspace_id is not None else ""
+            reasons = await tx.fetchall(
+                "SELECT mr.bounce_reason, COUNT(*) AS bounced FROM message_recipients mr"
+                f"{join} WHERE mr.delivery_status = ?"
+                " AND COALESCE(mr.sent_at, mr.updated_at) > ?"
+                f"{' AND m.workspace_id = ?' if workspace_id is not None else ''}"
+                " GROUP BY mr.bounce_reason ORDER BY bounced DESC, mr.bounce_reason LIMIT ?",
+                (DeliveryStatus.BOUNCED.value, self.to_db_time(since), *ws_args, limit),
+            )
+        return {
+            "by_workspace_and_type": [
+                {
+                    "workspace_id": w,
+                    "bounce_type": t,
+                    "count": int(n),
+                    "unique_emails": int(u),
+                }
+                for w, t, n, u in by_type
+            ],
+            "domains": [{"domain": d, "bounce_count": int(n)} for d, n in domains],
+            "reasons": [{"bounce_reason": r, "count": int(n)} for r, n in reasons],
+        }
+
+
+def _reason(value: Any) -> SuppressionReason:
+    # INACTIVE without a suppressions row: the runbook's own clean-up, for hard bounces.
+    try:
+        return SuppressionReason(value)
+    except ValueError:
+        return SuppressionReason.HARD_BOUNCE
 
 
 @asynccontextmanager
