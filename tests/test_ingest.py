@@ -182,7 +182,9 @@ async def test_null_sender_is_accepted_for_notifications(start_relay: StartRelay
 
     code, reply = await smtp(service.smtp_port, send)
     assert code == 250
-    found = await service.store.message_status(QUEUED.match(reply.decode())[1])  # type: ignore[index]
+    match = QUEUED.match(reply.decode())
+    assert match is not None
+    found = await service.store.message_status(match[1])
     assert found is not None and found["from_email"] == ""
 
 

@@ -507,6 +507,8 @@ async def test_build_providers_makes_gmail_and_mailgun_from_settings(
 
     assert isinstance(providers["gmail"], GmailProvider)
     assert isinstance(providers["mailgun"], MailgunProvider)
-    assert providers["mailgun"].api_root == "https://api.eu.mailgun.net"  # type: ignore[attr-defined]
+    eu = providers["mailgun"]
+    assert isinstance(eu, MailgunProvider)
+    assert eu.api_root == "https://api.eu.mailgun.net"
     for provider in providers.values():
         await provider.close()
