@@ -1,0 +1,3 @@
+"""The Kubernetes operator for smtp-relay: custom resources in, relay Deployments out."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,147 @@
+"""Status conditions: what a platform engineer reads in `kubectl describe` and waits on.
+
+Pure functions. Every resource carries the same three conditions:
+
+- Ready: serving as specified (for an SmtpRelay: every wanted pod passes /readyz).
+- Progressing: a change is being rolled out.
+- Degraded: something needs a person; the reason says what, the message names the field.
+
+A condition's lastTransitionTime moves only when its status does, so a resync that finds
+nothing new writes nothing new.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+TYPES = ("Ready", "Progressing", "Degraded")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why the spec cannot be acted on; the message names the field to fix."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """The relay Deployment's progress, read from its status."""
+
+    desired: int
+    current: int
+    updated: int
+    ready: int
+    available: int
+    observed: bool
+    failed_reason: str | None = None
+    failed_message: str = ""
+
+    @property
+    def complete(self) -> bool:
+        done = self.updated == self.desired and self.current == self.desired
+        return self.observed and done and self.available >= self.desired
+
+    @property
+    def serving(self) -> bool:
+        return self.observed and self.available >= self.desired
+
+
+def rollout(deployment: dict[str, Any]) -> Rollout:
+    spec, status = deployment.get("spec", {}), deployment.get("status", {})
+    generation = deployment.get("metadata", {}).get("generation", 0)
+    failed_reason, failed_message = None, ""
+    for condition in status.get("conditions", []):
+        stuck = condition.get("type") == "Progressing" and condition.get("status") == "False"
+        if stuck or (condition.get("type") == "ReplicaFailure" and condition["status"] == "True"):
+            failed_reason = condition.get("reason") or "RolloutFailed"
+            failed_message = condition.get("message", "")
+    return Rollout(
+        desired=int(spec.get("replicas", 1)),
+        current=int(status.get("replicas", 0)),
+        updated=int(status.get("updatedReplicas", 0)),
+        ready=int(status.get("readyReplicas", 0)),
+        available=int(status.get("availableReplicas", 0)),
+        observed=int(status.get("observedGeneration", 0)) >= int(generation),
+        failed_reason=failed_reason,
+        failed_message=failed_message,
+    )
+
+
+def condition(kind: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
+    return {"type": kind, "status": "True" if ok else "False", "reason": reason, "message": message}
+
+
+def relay_conditions(problem: Problem | None, state: Rollout | None) -> list[dict[str, Any]]:
+    """Ready, Progressing and Degraded for an SmtpRelay."""
+    if problem is not None:
+        held = "changes are held until this is fixed; pods already running are left as they are"
+        return [
+            condition("Ready", False, problem.reason, problem.message),
+            condition("Progressing", False, "Blocked", held),
+            condition("Degraded", True, problem.reason, problem.message),
+        ]
+    if state is None:
+        waiting = "the Deployment is being created"
+        return [
+            condition("Ready", False, "Creating", waiting),
+            condition("Progressing", True, "Creating", waiting),
+            condition("Degraded", False, "AsExpected", "no problem found"),
+        ]
+    counts = f"{state.available}/{state.desired} pods available, {state.updated} updated"
+    if state.desired == 0:
+        ready = condition("Ready", True, "ScaledToZero", "spec.replicas is 0: no pods wanted")
+    elif state.serving:
+        ready = condition("Ready", True, "PodsAvailable", counts)
+    else:
+        ready = condition("Ready", False, "PodsNotReady", counts)
+    if state.failed_reason:
+        message = f"{state.failed_message} ({counts})".strip()
+        return [
+            ready,
+            condition("Progressing", False, state.failed_reason, message),
+            condition("Degraded", True, state.failed_reason, message),
+        ]
+    if state.complete:
+        progressing = condition("Progressing", False, "RolloutComplete", counts)
+    else:
+        progressing = condition("Progressing", True, "RollingOut", counts)
+    return [ready, progressing, condition("Degraded", False, "AsExpected", "no problem found")]
+
+
+def provider_conditions(ready: bool, reason: str, message: str) -> list[dict[str, Any]]:
+    """Ready, Progressing and Degraded for a RelayProvider (validation is instant)."""
+    return [
+        condition("Ready", ready, reason, message),
+        condition("Progressing", False, "Validated", "validation is complete"),
+        condition("Degraded", not ready, reason if not ready else "AsExpected", message),
+    ]
+
+
+def merge(
+    previous: Iterable[dict[str, Any]],
+    current: Sequence[dict[str, Any]],
+    *,
+    now: str,
+    generation: int,
+) -> list[dict[str, Any]]:
+    """Stamp the new conditions, keeping lastTransitionTime where the status held."""
+    before = {c.get("type"): c for c in previous}
+    result = []
+    for new in current:
+        old = before.get(new["type"])
+        moved = old is None or old.get("status") != new["status"]
+        since = now if moved or not old else old.get("lastTransitionTime", now)
+        result.append({**new, "lastTransitionTime": since, "observedGeneration": generation})
+    return result
+
+
+def transitions(
+    previous: Iterable[dict[str, Any]], current: Iterable[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Conditions whose status or reason changed: each becomes one Event."""
+    before = {c.get("type"): (c.get("status"), c.get("reason")) for c in previous}
+    return [c for c in current if before.get(c["type"]) != (c["status"], c["reason"])]

@@ -1,0 +1,522 @@
+"""kopf handlers: SmtpRelay and RelayProvider in, ConfigMap/Deployment/Service/PDB out.
+
+Reconciliation is level-based. Every trigger (create, update, resume after a restart, a
+change to a relay's Deployment, the periodic resync) runs the same idempotent function
+that reads the current state and server-side-applies the desired children, so an
+interrupted reconcile is finished by the next one and nothing is ever created twice.
+
+No finalizers: the children carry owner references and the garbage collector removes
+them, so deleting an SmtpRelay never depends on the operator being up. (kopf timers and
+daemons would add a finalizer to every object; the resync loop here replaces them.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+import pydantic
+
+from relay_operator import builders, conditions, providers
+from relay_operator.builders import Provider, Relay
+from relay_operator.conditions import Problem
+from relay_operator.kube import FIELD_MANAGER, ApiError, Kube, event, path
+from relay_operator.models import API_VERSION, GROUP, VERSION, RelayProviderSpec, SmtpRelaySpec
+from relay_operator.settings import OperatorSettings
+
+logger = logging.getLogger("relay_operator")
+
+SMTP_RELAYS = (GROUP, VERSION, "smtprelays")
+RELAY_PROVIDERS = (GROUP, VERSION, "relayproviders")
+MANAGED = {"app.kubernetes.io/managed-by": FIELD_MANAGER}
+BACKOFF_S = 5
+
+
+@dataclass
+class Context:
+    """What every handler shares; kept in kopf's memo."""
+
+    kube: Kube
+    settings: OperatorSettings
+    identity: str
+    priority: int
+    locks: dict[tuple[str, str, str], asyncio.Lock] = field(default_factory=dict)
+    resync: asyncio.Task[None] | None = None
+
+    @asynccontextmanager
+    async def lock(self, kind: str, namespace: str, name: str) -> AsyncIterator[None]:
+        # One reconcile per object at a time: triggers overlap (an update arriving while
+        # a Deployment event is being handled), and their events must not interleave.
+        key = (kind, namespace, name)
+        lock = self.locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            yield
+
+
+def _context(memo: Any) -> Context:
+    context: Context = memo["context"]
+    return context
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def _announce(
+    ctx: Context, obj: dict[str, Any], reason: str, message: str, *, warning: bool = False
+) -> None:
+    """Post an Event and log the same line; a failed post never fails the reconcile."""
+    meta = obj["metadata"]
+    log = logger.warning if warning else logger.info
+    log("%s %s/%s: %s: %s", obj["kind"], meta["namespace"], meta["name"], reason, message)
+    try:
+        await ctx.kube.post_event(
+            event(obj, warning=warning, reason=reason, message=message, now=_now())
+        )
+    except ApiError as exc:
+        logger.warning("could not post event %s: %s", reason, exc)
+
+
+async def _write_status(
+    ctx: Context, obj: dict[str, Any], status: dict[str, Any], url: str
+) -> list[dict[str, Any]]:
+    """Patch status if it changed; return the conditions that changed (for Events)."""
+    previous = obj.get("status") or {}
+    old_conditions = previous.get("conditions", [])
+    status["conditions"] = conditions.merge(
+        old_conditions,
+        status["conditions"],
+        now=_now(),
+        generation=status["observedGeneration"],
+    )
+    if any(previous.get(key) != value for key, value in status.items()):
+        await ctx.kube.patch_status(url, status)
+    return conditions.transitions(old_conditions, status["conditions"])
+
+
+async def _report_transitions(
+    ctx: Context, obj: dict[str, Any], changed: list[dict[str, Any]]
+) -> None:
+    before = {
+        c.get("type"): c.get("status") for c in (obj.get("status") or {}).get("conditions", [])
+    }
+    for condition in changed:
+        kind, ok = condition["type"], condition["status"] == "True"
+        if kind == "Degraded" and ok:
+            await _announce(ctx, obj, condition["reason"], condition["message"], warning=True)
+        elif kind == "Ready" and ok:
+            await _announce(ctx, obj, condition["reason"], condition["message"])
+        elif kind == "Ready" and before.get("Ready") == "True":
+            # Losing readiness is news; not yet having it, right after creation, is not.
+            await _announce(ctx, obj, condition["reason"], condition["message"], warning=True)
+
+
+# ---------------------------------------------------------------------------------------
+# RelayProvider
+# ---------------------------------------------------------------------------------------
+
+
+async def reconcile_provider(ctx: Context, namespace: str, name: str) -> None:
+    """Validate one provider and publish the verdict in its status."""
+    url = path(API_VERSION, "RelayProvider", namespace, name)
+    async with ctx.lock("RelayProvider", namespace, name):
+        obj = await ctx.kube.get(url)
+        if obj is None or obj["metadata"].get("deletionTimestamp"):
+            return
+        secret = None
+        try:
+            spec = RelayProviderSpec.model_validate(obj.get("spec") or {})
+        except pydantic.ValidationError as exc:
+            verdict = providers.Verdict(False, "InvalidSpec", _describe(exc))
+        else:
+            if spec.credentials is not None:
+                ref = spec.credentials.secret_ref.name
+                secret = await ctx.kube.get(path("v1", "Secret", namespace, ref))
+            verdict = providers.validate(spec, secret)
+        status: dict[str, Any] = {
+            "observedGeneration": obj["metadata"].get("generation", 0),
+            "conditions": conditions.provider_conditions(
+                verdict.ready, verdict.reason, verdict.message
+            ),
+        }
+        if secret is not None:
+            status["credentialsVersion"] = secret["metadata"]["resourceVersion"]
+        changed = await _write_status(ctx, obj, status, url)
+        await _report_transitions(ctx, obj, changed)
+
+
+async def _dependents(ctx: Context, namespace: str, provider: str) -> list[str]:
+    relays = await ctx.kube.list(path(API_VERSION, "SmtpRelay", namespace))
+    return [
+        r["metadata"]["name"]
+        for r in relays
+        if provider in (r.get("spec") or {}).get("providers", [])
+    ]
+
+
+async def provider_changed(ctx: Context, namespace: str, name: str) -> None:
+    """Validate the provider, then re-render every relay that delivers through it."""
+    await reconcile_provider(ctx, namespace, name)
+    for relay in await _dependents(ctx, namespace, name):
+        await reconcile_relay(ctx, namespace, relay)
+
+
+# ---------------------------------------------------------------------------------------
+# SmtpRelay
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything a relay's children are built from, or the problems that prevent it."""
+
+    providers: list[Provider]
+    secret_versions: dict[str, str]
+    problems: list[Problem]
+
+
+async def _gather(ctx: Context, relay: Relay) -> Inputs:
+    found: list[Provider] = []
+    problems: list[Problem] = []
+    if relay.spec.queue.backend == "sqlite" and relay.spec.replicas > 1:
+        # The API server refuses this already (CRD rule); kept for objects stored before.
+        problems.append(Problem("InvalidSpec", "spec.replicas must be 0 or 1 with sqlite"))
+    for index, name in enumerate(relay.spec.providers):
+        obj = await ctx.kube.get(path(API_VERSION, "RelayProvider", relay.namespace, name))
+        where = f"spec.providers[{index}]: RelayProvider {name!r}"
+        if obj is None:
+            problems.append(Problem("ProviderNotFound", f"{where} not found in this namespace"))
+            continue
+        try:
+            found.append(Provider(name, RelayProviderSpec.model_validate(obj.get("spec") or {})))
+        except pydantic.ValidationError as exc:
+            problems.append(Problem("ProviderNotReady", f"{where}: {_describe(exc)}"))
+    versions: dict[str, str] = {}
+    for use in builders.secret_uses(relay, found):
+        secret = await ctx.kube.get(path("v1", "Secret", relay.namespace, use.secret))
+        if secret is None:
+            problems.append(
+                Problem("SecretNotFound", f"{use.field}: Secret {use.secret!r} not found")
+            )
+            continue
+        data = {**(secret.get("data") or {}), **(secret.get("stringData") or {})}
+        missing = [key for key in use.keys if not data.get(key)]
+        if missing:
+            problems.append(
+                Problem(
+                    "SecretKeyMissing",
+                    f"{use.field}: Secret {use.secret!r} lacks {', '.join(missing)}",
+                )
+            )
+        meta = secret["metadata"]
+        versions[use.secret] = f"{meta['uid']}/{meta['resourceVersion']}"
+    for provider in found:
+        problem = providers.spec_problem(provider.spec)
+        if problem is not None:
+            where = f"RelayProvider {provider.name!r}"
+            problems.append(Problem("ProviderNotReady", f"{where}: {problem}"))
+    return Inputs(found, versions, problems)
+
+
+def _describe(exc: pydantic.ValidationError) -> str:
+    errors = exc.errors(include_url=False, include_input=False)
+    return "; ".join("spec." + ".".join(str(p) for p in e["loc"]) + f": {e['msg']}" for e in errors)
+
+
+async def _apply_children(
+    ctx: Context, obj: dict[str, Any], relay: Relay, inputs: Inputs
+) -> dict[str, Any]:
+    """Apply ConfigMap, Deployment, Service and PDB; return the Deployment as stored."""
+    pause = ctx.settings.apply_pause_s
+    deployment_url = path("apps/v1", "Deployment", relay.namespace, relay.name)
+    before = await ctx.kube.get(deployment_url)
+
+    config_map = builders.config_map(relay, inputs.providers)
+    config_hash = builders.digest(config_map["data"]["relay.yaml"])
+    await ctx.kube.apply(config_map)
+    await asyncio.sleep(pause)
+    image = relay.spec.image or ctx.settings.relay_image
+    after = await ctx.kube.apply(
+        builders.deployment(
+            relay,
+            inputs.providers,
+            image=image,
+            config_hash=config_hash,
+            secret_versions=inputs.secret_versions,
+        )
+    )
+    await asyncio.sleep(pause)
+    await ctx.kube.apply(builders.service(relay))
+    await asyncio.sleep(pause)
+    await ctx.kube.apply(builders.disruption_budget(relay))
+    await _report_changes(ctx, obj, before, after)
+    return after
+
+
+async def _report_changes(
+    ctx: Context, obj: dict[str, Any], before: dict[str, Any] | None, after: dict[str, Any]
+) -> None:
+    """One Event per thing that changed the pods: configuration, a Secret, image, scale."""
+    name = after["metadata"]["name"]
+    if before is None:
+        await _announce(
+            ctx,
+            obj,
+            "Created",
+            f"created ConfigMap {name}-config, Deployment {name}, Service {name} and "
+            f"PodDisruptionBudget {name}",
+        )
+        return
+    old_pod, new_pod = _pod_annotations(before), _pod_annotations(after)
+    if old_pod.get(builders.CONFIG_HASH) != new_pod.get(builders.CONFIG_HASH):
+        await _announce(
+            ctx,
+            obj,
+            "ConfigChanged",
+            f"relay.yaml changed (hash {old_pod.get(builders.CONFIG_HASH, '-')[:12]} -> "
+            f"{new_pod.get(builders.CONFIG_HASH, '-')[:12]}): rolling the pods",
+        )
+    old_secrets, new_secrets = _secret_versions(before), _secret_versions(after)
+    rotated = sorted(n for n in new_secrets if old_secrets.get(n, new_secrets[n]) != new_secrets[n])
+    if rotated:
+        await _announce(
+            ctx, obj, "SecretChanged", f"Secret {', '.join(rotated)} changed: rolling the pods"
+        )
+    old_image, new_image = _image(before), _image(after)
+    if old_image != new_image:
+        await _announce(ctx, obj, "ImageChanged", f"image {old_image} -> {new_image}")
+    old_replicas, new_replicas = before["spec"].get("replicas"), after["spec"].get("replicas")
+    if old_replicas != new_replicas:
+        await _announce(ctx, obj, "Scaled", f"replicas {old_replicas} -> {new_replicas}")
+
+
+def _pod_annotations(deployment: dict[str, Any]) -> dict[str, str]:
+    annotations: dict[str, str] = deployment["spec"]["template"]["metadata"].get("annotations", {})
+    return annotations
+
+
+def _secret_versions(deployment: dict[str, Any]) -> dict[str, str]:
+    raw = deployment["metadata"].get("annotations", {}).get(builders.SECRET_VERSIONS, "{}")
+    versions: dict[str, str] = json.loads(raw)
+    return versions
+
+
+def _image(deployment: dict[str, Any]) -> str:
+    return str(deployment["spec"]["template"]["spec"]["containers"][0]["image"])
+
+
+async def reconcile_relay(ctx: Context, namespace: str, name: str) -> None:
+    """Bring one SmtpRelay's children and status in line with its spec."""
+    url = path(API_VERSION, "SmtpRelay", namespace, name)
+    async with ctx.lock("SmtpRelay", namespace, name):
+        obj = await ctx.kube.get(url)
+        if obj is None or obj["metadata"].get("deletionTimestamp"):
+            return  # the garbage collector takes the children
+        generation = obj["metadata"].get("generation", 0)
+        previous = obj.get("status") or {}
+        try:
+            spec = SmtpRelaySpec.model_validate(obj.get("spec") or {})
+        except pydantic.ValidationError as exc:
+            inputs = Inputs([], {}, [Problem("InvalidSpec", _describe(exc))])
+            relay = None
+        else:
+            relay = Relay(name, namespace, obj["metadata"]["uid"], spec)
+            inputs = await _gather(ctx, relay)
+
+        deployment: dict[str, Any] | None
+        if relay is not None and not inputs.problems:
+            deployment = await _apply_children(ctx, obj, relay, inputs)
+            if previous.get("observedGeneration") != generation:
+                await _design_only_warnings(ctx, obj, relay)
+        else:
+            # A broken configuration is never rolled out: the pods keep running on the
+            # last good one while the status says what to fix.
+            deployment = await ctx.kube.get(path("apps/v1", "Deployment", namespace, name))
+
+        state = conditions.rollout(deployment) if deployment else None
+        problem = None
+        if inputs.problems:
+            problem = Problem(
+                inputs.problems[0].reason, "; ".join(p.message for p in inputs.problems)
+            )
+        status: dict[str, Any] = {
+            "observedGeneration": generation,
+            "conditions": conditions.relay_conditions(problem, state),
+        }
+        if deployment is not None:
+            pod = _pod_annotations(deployment)
+            status.update(
+                replicas=state.current if state else 0,
+                readyReplicas=state.ready if state else 0,
+                updatedReplicas=state.updated if state else 0,
+                configHash=pod.get(builders.CONFIG_HASH),
+                secretsHash=pod.get(builders.SECRETS_HASH),
+            )
+        changed = await _write_status(ctx, obj, status, url)
+        await _report_transitions(ctx, obj, changed)
+
+
+async def _design_only_warnings(ctx: Context, obj: dict[str, Any], relay: Relay) -> None:
+    """Say so, once per generation, when the spec asks for what is not built yet."""
+    if relay.spec.strategy is not None:
+        await _announce(
+            ctx,
+            obj,
+            "StrategyNotImplemented",
+            f"spec.strategy.type {relay.spec.strategy.type} is not acted on yet: changes "
+            "roll out as a rolling update",
+            warning=True,
+        )
+    sqlite = relay.spec.queue.sqlite
+    if relay.spec.queue.backend == "sqlite" and not (sqlite and sqlite.claim_name):
+        await _announce(
+            ctx,
+            obj,
+            "EphemeralQueue",
+            "spec.queue.sqlite.claimName is unset: the queue is on an emptyDir and mail "
+            "still queued is lost when the pod is deleted",
+            warning=True,
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# The periodic resync, gated by peering
+# ---------------------------------------------------------------------------------------
+
+
+async def _is_active(ctx: Context) -> bool:
+    """True unless a live peer outranks us (kopf pauses its own handlers the same way)."""
+    if ctx.settings.peering is None:
+        return True
+    url = f"/apis/kopf.dev/v1/clusterkopfpeerings/{ctx.settings.peering}"
+    peering = await ctx.kube.get(url) or {}
+    now = datetime.datetime.now(datetime.UTC)
+    for identity, peer in (peering.get("status") or {}).items():
+        if identity == ctx.identity or not isinstance(peer, dict):
+            continue
+        seen = datetime.datetime.fromisoformat(str(peer.get("lastseen")))
+        alive = seen + datetime.timedelta(seconds=int(peer.get("lifetime", 60))) > now
+        if alive and int(peer.get("priority", 0)) >= ctx.priority:
+            return False
+    return True
+
+
+async def resync(ctx: Context) -> None:
+    """Re-validate every provider and reconcile every relay, forever.
+
+    This is what notices a rotated or newly created Secret: the operator may only `get`
+    Secrets (watching them would stream every Secret in the cluster through it).
+    """
+    interval = ctx.settings.resync_interval_s
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            if not await _is_active(ctx):
+                continue
+            found = [
+                (reconcile, obj["metadata"])
+                for plural, reconcile in (
+                    ("relayproviders", reconcile_provider),
+                    ("smtprelays", reconcile_relay),
+                )
+                for obj in await ctx.kube.list(f"/apis/{API_VERSION}/{plural}")
+            ]
+        except Exception as exc:
+            logger.warning("resync: listing failed, next try in %ss: %s", interval, exc)
+            continue
+        for reconcile, meta in found:
+            # One broken object must not stop the others, nor end the loop.
+            try:
+                await reconcile(ctx, meta["namespace"], meta["name"])
+            except Exception:
+                logger.exception("resync of %s/%s failed", meta["namespace"], meta["name"])
+
+
+# ---------------------------------------------------------------------------------------
+# kopf wiring: handlers named <kind>_<event>
+# ---------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def _retrying() -> AsyncIterator[None]:
+    """API failures are retried by kopf after a short delay, with the server's reason."""
+    try:
+        yield
+    except ApiError as exc:
+        raise kopf.TemporaryError(str(exc), delay=BACKOFF_S) from exc
+
+
+@kopf.on.startup()
+async def operator_startup(*, memo: Any, **_: Any) -> None:
+    ctx = _context(memo)
+    ctx.resync = asyncio.create_task(resync(ctx), name="resync")
+
+
+@kopf.on.cleanup()
+async def operator_cleanup(*, memo: Any, **_: Any) -> None:
+    ctx = _context(memo)
+    if ctx.resync is not None:
+        ctx.resync.cancel()
+
+
+@kopf.on.resume(*SMTP_RELAYS, backoff=BACKOFF_S)
+async def smtprelay_resume(*, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+    assert namespace is not None  # the kinds are namespaced
+    async with _retrying():
+        await reconcile_relay(_context(memo), namespace, name)
+
+
+@kopf.on.create(*SMTP_RELAYS, backoff=BACKOFF_S)
+async def smtprelay_create(*, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+    assert namespace is not None  # the kinds are namespaced
+    async with _retrying():
+        await reconcile_relay(_context(memo), namespace, name)
+
+
+@kopf.on.update(*SMTP_RELAYS, backoff=BACKOFF_S)
+async def smtprelay_update(*, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+    assert namespace is not None  # the kinds are namespaced
+    async with _retrying():
+        await reconcile_relay(_context(memo), namespace, name)
+
+
+@kopf.on.resume(*RELAY_PROVIDERS, backoff=BACKOFF_S)
+async def relayprovider_resume(*, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+    assert namespace is not None  # the kinds are namespaced
+    async with _retrying():
+        await reconcile_provider(_context(memo), namespace, name)
+
+
+@kopf.on.create(*RELAY_PROVIDERS, backoff=BACKOFF_S)
+async def relayprovider_create(*, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+    assert namespace is not None  # the kinds are namespaced
+    async with _retrying():
+        await provider_changed(_context(memo), namespace, name)
+
+
+@kopf.on.update(*RELAY_PROVIDERS, backoff=BACKOFF_S)
+async def relayprovider_update(*, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+    assert namespace is not None  # the kinds are namespaced
+    async with _retrying():
+        await provider_changed(_context(memo), namespace, name)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
+async def deployment_event(
+    *, namespace: str | None, labels: Mapping[str, str], memo: Any, **_: Any
+) -> None:
+    # Rollout progress and pod readiness surface as the relay's conditions; a Deployment
+    # deleted by hand is recreated.
+    relay = labels.get(builders.LABEL_RELAY)
+    if relay and namespace:
+        try:
+            await reconcile_relay(_context(memo), namespace, relay)
+        except ApiError as exc:
+            logger.warning("SmtpRelay %s/%s: status refresh failed: %s", namespace, relay, exc)

@@ -1,0 +1,180 @@
+"""A small Kubernetes REST client: plain dicts in and out, server-side apply, in threads.
+
+The official client's typed models would turn every manifest the builders produce into
+generated classes and back; this keeps them as the plain data they are and uses only the
+client's connection handling and authentication (kubeconfig or in-cluster token, with
+its refresh). Every call is blocking, so the operator's coroutines go through `Kube`'s
+async methods, which run the request in a worker thread and keep kopf's event loop free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import kubernetes
+
+from relay_operator.models import API_VERSION
+
+FIELD_MANAGER = "smtp-relay-operator"
+
+# apiVersion, kind -> URL prefix and plural, for the kinds the operator touches.
+_KINDS: dict[tuple[str, str], tuple[str, str]] = {
+    ("v1", "ConfigMap"): ("/api/v1", "configmaps"),
+    ("v1", "Secret"): ("/api/v1", "secrets"),
+    ("v1", "Service"): ("/api/v1", "services"),
+    ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
+    ("apps/v1", "ReplicaSet"): ("/apis/apps/v1", "replicasets"),
+    ("policy/v1", "PodDisruptionBudget"): ("/apis/policy/v1", "poddisruptionbudgets"),
+    (API_VERSION, "SmtpRelay"): (f"/apis/{API_VERSION}", "smtprelays"),
+    (API_VERSION, "RelayProvider"): (f"/apis/{API_VERSION}", "relayproviders"),
+}
+
+
+def path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
+    prefix, plural = _KINDS[api_version, kind]
+    result = f"{prefix}/namespaces/{namespace}/{plural}"
+    return f"{result}/{name}" if name else result
+
+
+class ApiError(Exception):
+    """A non-2xx answer, with the API server's own message (never the request body)."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+class Kube:
+    """Blocking requests behind async methods; one instance per operator process."""
+
+    def __init__(self, api: kubernetes.client.ApiClient, *, timeout_s: float = 30) -> None:
+        self._api = api
+        self._timeout = (min(10.0, timeout_s), timeout_s)
+
+    @classmethod
+    def from_environment(cls, *, timeout_s: float = 30) -> Kube:
+        """In a pod: its ServiceAccount. Elsewhere: $KUBECONFIG or ~/.kube/config."""
+        configuration = kubernetes.client.Configuration()
+        try:
+            kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
+                client_configuration=configuration
+            )
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+                client_configuration=configuration
+            )
+        return cls(kubernetes.client.ApiClient(configuration), timeout_s=timeout_s)
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        body: Any = None,
+        query: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any] | None:
+        """One request; None for 404 on a GET, ApiError for any other failure."""
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        method, full_url, headers, body, _ = self._api.param_serialize(
+            method=method,
+            resource_path=url,
+            query_params=list((query or {}).items()),
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self._api.call_api(
+            method, full_url, header_params=headers, body=body, _request_timeout=self._timeout
+        )
+        response.read()  # type: ignore[no-untyped-call]
+        text = (response.data or b"").decode("utf-8", "replace")
+        if 200 <= response.status < 300:
+            return json.loads(text) if text else {}
+        if response.status == 404 and method == "GET":
+            return None
+        raise _error(response.status, text)
+
+    async def get(self, url: str) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self.request, "GET", url)
+
+    async def list(self, url: str, **query: str) -> list[dict[str, Any]]:
+        found = await asyncio.to_thread(self.request, "GET", url, query=query)
+        return list((found or {}).get("items", []))
+
+    async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply as the operator's field manager, taking over conflicts.
+
+        Apply is idempotent: the same manifest twice changes nothing (no new revision, no
+        event), so a reconcile interrupted anywhere can simply be run again.
+        """
+        meta = manifest["metadata"]
+        url = path(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
+        result = await asyncio.to_thread(
+            self.request,
+            "PATCH",
+            url,
+            body=manifest,
+            query={"fieldManager": FIELD_MANAGER, "force": "true"},
+            content_type="application/apply-patch+yaml",
+        )
+        assert result is not None
+        return result
+
+    async def post_event(self, event: dict[str, Any]) -> None:
+        url = f"/api/v1/namespaces/{event['metadata']['namespace']}/events"
+        await asyncio.to_thread(self.request, "POST", url, body=event)
+
+    async def patch_status(self, url: str, status: dict[str, Any]) -> None:
+        """Merge-patch the status subresource."""
+        await asyncio.to_thread(
+            self.request,
+            "PATCH",
+            f"{url}/status",
+            body={"status": status},
+            content_type="application/merge-patch+json",
+        )
+
+
+def _error(status: int, text: str) -> ApiError:
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        payload = {}
+    return ApiError(
+        status=status,
+        reason=str(payload.get("reason", "")),
+        message=str(payload.get("message", text[:300])),
+    )
+
+
+def event(
+    obj: dict[str, Any], *, warning: bool, reason: str, message: str, now: str
+) -> dict[str, Any]:
+    """A core/v1 Event about `obj`, as `kubectl describe` lists them."""
+    meta = obj["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": obj["apiVersion"],
+            "kind": obj["kind"],
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta["uid"],
+        },
+        "type": "Warning" if warning else "Normal",
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": FIELD_MANAGER},
+        "reportingComponent": FIELD_MANAGER,
+        "reportingInstance": FIELD_MANAGER,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
