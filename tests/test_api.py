@@ -512,3 +512,30 @@ async def test_logs_carry_addresses_only_as_configured(
         assert shown == hash_address("patient.sender@example.org")
         assert "patient.sender@example.org" not in caplog.text
     assert "p0@example.net" not in caplog.text
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_replies_written_while_hanging_up_are_counted(start_relay: StartRelay) -> None:
+    def replies(text: str) -> float:
+        return sample(text, "smtp_replies_total", {"class": "5xx"})
+
+    service = await start_relay()
+    async with http(service) as client:
+        before = (await client.get("/metrics")).text
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.smtp_port)
+        await reader.readline()
+        writer.write(b"EHLO c\nMAIL FROM:<a@example.org>\r\n")
+        assert (await reader.read()).endswith(b"(RFC 5321 section 2.3.8)\r\n")
+        writer.close()
+        after = (await client.get("/metrics")).text
+    assert replies(after) - replies(before) == 1
+
+
+def test_text_logs_carry_no_terminal_colour_codes() -> None:
+    import logging
+
+    from relay.logs import TextFormatter
+
+    record = logging.LogRecord("uvicorn.error", 20, "", 0, "Started server", (), None)
+    record.color_message = "Started server [\x1b[36m1\x1b[0m]"
+    assert "\x1b" not in TextFormatter().format(record)

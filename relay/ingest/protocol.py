@@ -181,13 +181,12 @@ class RelaySMTP(SMTP):
         if isinstance(status, str) and not self._in_ehlo and not status.startswith("220"):
             status = with_enhanced_code(status)
         text = status if isinstance(status, str) else ""
-        if text[:1] in ("2", "4", "5"):
-            metrics.smtp_replies_total.labels(text[0] + "xx").inc()
         if text.startswith("421"):
             # 421 means the server closes the channel (RFC 5321 section 3.8).
             self._write(text)
             self.hang_up()
             return
+        _count(text)
         await super().push(status)
         if text.startswith("5"):
             self.errors += 1
@@ -195,6 +194,7 @@ class RelaySMTP(SMTP):
                 await self.push("421 4.7.0 Too many errors, closing connection")
 
     def _write(self, reply: str) -> None:
+        _count(reply)
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(reply.encode() + b"\r\n")  # type: ignore[attr-defined]
@@ -252,6 +252,11 @@ class RelaySMTP(SMTP):
         for name in _TOLERATED_PARAMETERS:
             result.pop(name, None)
         return result
+
+
+def _count(reply: str) -> None:
+    if reply[:1] in ("2", "4", "5"):
+        metrics.smtp_replies_total.labels(reply[0] + "xx").inc()
 
 
 def with_enhanced_code(status: str) -> str:
