@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+import signal
 import subprocess
 import tempfile
 import time
@@ -32,7 +33,9 @@ class SourceRun:
     errors: str
 
 
-def smtp_source(ports: int | list[int], *, messages: int, sessions: int, size: int) -> SourceRun:
+def smtp_source(
+    ports: int | list[int], *, messages: int, sessions: int, size: int, timeout_s: float = 1800
+) -> SourceRun:
     """Run smtp-source to completion; its wall time and its own CPU time.
 
     With several ports (relay replicas) the messages and sessions are split evenly and
@@ -51,6 +54,10 @@ def smtp_source(ports: int | list[int], *, messages: int, sessions: int, size: i
         }
         cpu, worst = 0.0, 0
         while pending:
+            if time.monotonic() - started > timeout_s:
+                # A server that stopped answering: end the load rather than wait forever.
+                for pid in pending:
+                    os.kill(pid, signal.SIGKILL)
             # wait4 rather than Popen.wait: it also returns the child's CPU time.
             for pid in list(pending):
                 done, status, usage = os.wait4(pid, os.WNOHANG)
@@ -159,7 +166,8 @@ async def paced_load(
     loop = asyncio.get_running_loop()
     result = PacedResult(offered_rate=rate, connections=connections)
     data = message(size)
-    idle: asyncio.Queue[SmtpSession] = asyncio.Queue()
+    # None in the queue: a session was lost and could not be reopened; the run ends.
+    idle: asyncio.Queue[SmtpSession | None] = asyncio.Queue()
     for _ in range(connections):
         idle.put_nowait(await SmtpSession.open(port))
 
@@ -177,6 +185,7 @@ async def paced_load(
                 session = await SmtpSession.open(port)
             except (SmtpRefused, OSError) as reopen:
                 result.errors.append(f"reconnect: {reopen}")
+                idle.put_nowait(None)
                 return
         else:
             done = loop.time()
@@ -189,6 +198,8 @@ async def paced_load(
     ticker = asyncio.create_task(_every_second(tick)) if tick else None
     total = int(rate * seconds)
     start = loop.time() + 0.05
+    # An overloaded server runs late; one that stalls must not hold the run forever.
+    deadline = start + 2 * seconds + 60
     running: set[asyncio.Task[None]] = set()
     for i in range(total):
         due = start + i / rate
@@ -196,6 +207,9 @@ async def paced_load(
         if delay > 0:
             await asyncio.sleep(delay)
         session = await idle.get()
+        if session is None or loop.time() > deadline:
+            result.errors.append(f"stopped after {i} of {total} transactions")
+            break
         task = asyncio.create_task(one(session, due))
         running.add(task)
         task.add_done_callback(running.discard)
@@ -204,7 +218,8 @@ async def paced_load(
     if ticker:
         ticker.cancel()
     while not idle.empty():
-        idle.get_nowait().close()
+        if (session := idle.get_nowait()) is not None:
+            session.close()
     result.client_cpu_s = _own_cpu() - cpu_before
     return result
 
