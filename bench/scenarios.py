@@ -28,7 +28,6 @@ from bench.measure import (
     slope_per_minute,
 )
 from bench.servers import (
-    MariaDB,
     PostfixHold,
     RelayProcess,
     Sink,
@@ -39,6 +38,7 @@ from bench.servers import (
     server_counters,
     start_mariadb,
 )
+from tests.servers import MariaDB
 
 # Targets from issue 9.
 INGEST_RATIO_TARGET = 1.0
