@@ -150,7 +150,7 @@ class LabelSelector(Schema):
     )
 
 
-ConditionType = Literal["Ready", "Progressing", "Degraded"]
+ConditionType = Literal["Ready", "Progressing", "Degraded", "Promoted"]
 
 
 class Condition(Schema):
@@ -158,7 +158,8 @@ class Condition(Schema):
 
     type: ConditionType = Field(
         description="Ready: serving as specified. Progressing: a change is being rolled "
-        "out. Degraded: something needs attention (see reason and message)."
+        "out. Degraded: something needs attention (see reason and message). Promoted "
+        "(SmtpRelays with a strategy): the spec's revision is the stable one."
     )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(
@@ -180,7 +181,8 @@ def conditions_field() -> Any:
     return Field(
         default_factory=list,
         max_length=8,
-        description="Ready, Progressing and Degraded, each with a reason and a message.",
+        description="Ready, Progressing, Degraded (and Promoted), each with a reason and a "
+        "message.",
         json_schema_extra={
             "x-kubernetes-list-type": "map",
             "x-kubernetes-list-map-keys": ["type"],
@@ -513,21 +515,32 @@ class BlueGreen(Schema):
     """Blue-green rollout (runbook 2.2): a full preview copy, then a traffic switch."""
 
     preview_service: ObjectName | None = Field(
-        None, description="Service for the preview (green) pods. Unset: <name>-preview."
+        None, description="Service for the preview (candidate) pods. Unset: <name>-preview."
     )
     observe_window: Duration = Field(
         "5m", description="How long the new version is watched after the switch (runbook 2.2)."
     )
     error_rate_threshold: Percent = Field(
-        5, description="Error rate, in percent, above which the switch is rolled back."
+        5,
+        description="Share of the new pods' delivery attempts that may end other than sent, "
+        "in percent, during the observe window; above it traffic is switched back. Needs "
+        "spec.strategy.analysis (the Prometheus to ask).",
     )
     scale_down_delay: Duration = Field(
-        "10m", description="How long the old (blue) pods are kept after a successful switch."
+        "10m",
+        description="How long the old pods are kept running after a successful switch, so that "
+        "a rollback is a selector change rather than a new deployment.",
     )
 
 
 class Canary(Schema):
-    """Canary rollout (runbook 2.4): traffic moved to the new version in steps."""
+    """Canary rollout (runbook 2.4): traffic moved to the new version in steps.
+
+    SMTP is plain TCP, so the weight is the canary's share of the pods behind the one
+    Service: at weight w of n replicas the canary gets round(n*w/100) pods (at least 1) and
+    the stable version the rest (at least 1). status.rollout.actualWeight says what that
+    came to.
+    """
 
     step_weight: int = Field(10, ge=1, le=100, description="Traffic share added per step, percent.")
     max_weight: int = Field(
@@ -535,7 +548,7 @@ class Canary(Schema):
     )
     interval: Duration = Field("1m", description="Time between steps (and analyses).")
     threshold: int = Field(
-        10, ge=1, le=100, description="Failed analyses after which the canary is aborted."
+        10, ge=1, le=100, description="Failed analyses after which the canary is rolled back."
     )
 
     model_config = ConfigDict(
@@ -549,16 +562,43 @@ class Canary(Schema):
 
 
 class SuccessRate(Schema):
-    """Share of successful deliveries during analysis."""
+    """Share of the new pods' delivery attempts that ended sent."""
 
-    min: Percent = Field(99, description="Lowest acceptable success rate, percent.")
+    enabled: bool = Field(True, description="Run this check.")
+    min: Percent = Field(99, description="Lowest acceptable success rate, percent (runbook 2.4).")
 
 
 class Latency(Schema):
-    """Processing latency during analysis."""
+    """P95 of the new pods' delivery attempt duration (email_processing_duration_seconds)."""
 
+    enabled: bool = Field(True, description="Run this check.")
     p95_max_ms: int = Field(
-        500, ge=1, le=600000, description="Highest acceptable P95 latency, milliseconds."
+        500, ge=1, le=600000, description="Highest acceptable P95, milliseconds (runbook 2.4)."
+    )
+
+
+class RateCheck(Schema):
+    """A share that must stay below a ceiling."""
+
+    enabled: bool = Field(True, description="Run this check.")
+    max_percent: Percent = Field(description="Highest acceptable share, percent.")
+
+
+def _rate(default: float, description: str) -> Any:
+    value = RateCheck(max_percent=default)
+    return Field(
+        default_factory=lambda: value,
+        description=description,
+        json_schema_extra={"default": {"enabled": True, "maxPercent": default}},
+    )
+
+
+class QueueAge(Schema):
+    """Age of the oldest message waiting (email_queue_oldest_age_seconds)."""
+
+    enabled: bool = Field(True, description="Run this check.")
+    max_seconds: int = Field(
+        300, ge=1, description="Highest acceptable age of the oldest queued message, seconds."
     )
 
 
@@ -566,14 +606,42 @@ class Prometheus(Schema):
     """Where analysis metrics are queried."""
 
     address: Url = Field(description="Prometheus base URL, e.g. http://prometheus.monitoring:9090.")
+    timeout: Duration = Field("10s", description="Timeout of one query.")
 
 
 class Analysis(Schema):
-    """Metric checks that gate each rollout step (runbook 2.4 canary analysis)."""
+    """Metric checks that gate each rollout step (runbook 2.4 canary analysis).
+
+    Every check looks only at the new version's pods (by pod name) over the last interval.
+    A check whose query returns nothing or NaN (no traffic, no scrape yet) is inconclusive:
+    never a pass.
+    """
 
     prometheus: Prometheus = Field(description="The Prometheus that holds the relay metrics.")
+    interval: Duration = Field(
+        "1m",
+        description="Blue-green: time between analyses in the observe window. Canary: "
+        "spec.strategy.canary.interval is used instead.",
+    )
     success_rate: SuccessRate = section(SuccessRate, "Delivery success-rate check.")
-    latency: Latency = section(Latency, "P95 processing-latency check.")
+    latency: Latency = section(Latency, "P95 delivery-latency check.")
+    smtp_errors: RateCheck = _rate(
+        5, "Share of SMTP replies that were 4xx or 5xx (clients refused or deferred)."
+    )
+    bounce_rate: RateCheck = _rate(
+        5, "Bounces recorded per delivery attempt (a bad version sending malformed mail)."
+    )
+    provider_failures: RateCheck = _rate(
+        10, "Share of provider requests that failed (credentials, API changes, timeouts)."
+    )
+    queue_age: QueueAge = section(QueueAge, "Oldest queued message check.")
+    inconclusive_limit: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="Inconclusive analyses in a row after which the rollout pauses (a "
+        "condition says why); resume, promote or abort it by hand.",
+    )
 
 
 class Webhook(Schema):
@@ -583,8 +651,25 @@ class Webhook(Schema):
     timeout: Duration = Field("5s", description="How long to wait for the answer.")
 
 
+class SmokeTest(Schema):
+    """The check a new version passes before it gets traffic (runbook 2.2 step 3).
+
+    The operator runs it itself, against the preview Service: an SMTP greeting, EHLO, NOOP
+    and QUIT, then HTTP GET /health. (From the operator rather than a Job: no image to
+    pull or pod to schedule, and the result lands directly in the status.)
+    """
+
+    enabled: bool = Field(True, description="Run the smoke test.")
+    timeout: Duration = Field("10s", description="Time allowed for the whole test.")
+
+
 class Strategy(Schema):
-    """How a new version or configuration replaces the running one. Unset: a rolling update."""
+    """How a new version or configuration replaces the running one. Unset: a rolling update.
+
+    Controls that name a revision act only while that revision is the candidate, so a
+    control left behind in Git never touches the next rollout. Each may also be given as
+    an annotation (relay.smtp-relay.dev/promote, /abort, /rollback, /resume, /paused).
+    """
 
     type: Literal["BlueGreen", "Canary"] = Field(description="BlueGreen or Canary.")
     blue_green: BlueGreen | None = Field(
@@ -596,12 +681,18 @@ class Strategy(Schema):
     analysis: Analysis | None = Field(
         None, description="Metric checks gating each step. Unset: steps advance on time."
     )
+    smoke_test: SmokeTest = section(SmokeTest, "The smoke test before traffic moves.")
+    progress_deadline: Duration = Field(
+        "10m",
+        description="Time the new version's pods get to become ready; past it the rollout "
+        "is rolled back.",
+    )
     paused: bool = Field(False, description="Hold the rollout where it is.")
     promote_revision: str | None = Field(
         None,
         max_length=64,
         description="Set to status.rollout.candidateRevision to promote that revision now, "
-        "skipping remaining steps. A value naming another revision is ignored.",
+        "skipping the remaining checks and steps (its pods must still become ready).",
     )
     abort_revision: str | None = Field(
         None,
@@ -609,8 +700,28 @@ class Strategy(Schema):
         description="Set to status.rollout.candidateRevision to abort that rollout and "
         "return all traffic to the stable revision.",
     )
+    rollback_revision: str | None = Field(
+        None,
+        max_length=64,
+        description="Set to status.rollout.stableRevision to roll back to the revision "
+        "promoted before it (runbook 2.3). The rolled-back revision is not rolled out again "
+        "until the spec changes or it is retried.",
+    )
+    resume: str | None = Field(
+        None,
+        max_length=64,
+        description="Any new value resumes a rollout that paused itself (inconclusive "
+        "analysis, refused promotion); e.g. the current time.",
+    )
+    retry_revision: str | None = Field(
+        None,
+        max_length=64,
+        description="Set to a rolled-back or aborted revision to roll it out again.",
+    )
     confirm_promotion_webhook: Webhook | None = Field(
-        None, description="Asked before the final promotion; unset: promote without asking."
+        None,
+        description="Asked before traffic is moved for good (blue-green: before the switch; "
+        "canary: before promotion at maxWeight); unset: promote without asking.",
     )
 
 
@@ -645,8 +756,8 @@ class SmtpRelaySpec(Schema):
     disruption: Disruption = section(Disruption, "PodDisruptionBudget settings.")
     strategy: Strategy | None = Field(
         None,
-        description="Progressive delivery (runbook 2.2, 2.4). Designed, not yet acted on: "
-        "until then every change is a rolling update and an event says so.",
+        description="Progressive delivery (runbook 2.2, 2.4): blue-green or canary, judged "
+        "by the relay's mail metrics, with automatic rollback. Unset: a rolling update.",
     )
 
     model_config = ConfigDict(
@@ -662,8 +773,118 @@ class SmtpRelaySpec(Schema):
     )
 
 
+RolloutPhase = Literal[
+    "Stable",
+    "Deploying",
+    "SmokeTesting",
+    "AwaitingConfirmation",
+    "Observing",
+    "CanaryStep",
+    "Promoting",
+    "RollingBack",
+    "RolledBack",
+    "Aborted",
+]
+
+
+class CheckResult(Schema):
+    """One analysis check's last outcome."""
+
+    name: str = Field(max_length=64, description="Check name, e.g. success-rate.")
+    outcome: Literal["Pass", "Fail", "Inconclusive"] = Field(description="The verdict.")
+    value: float | None = Field(None, description="The measured value; unset when none.")
+    message: str = Field("", max_length=1024, description="The value against its limit.")
+
+
+class RevisionRecord(Schema):
+    """One revision the rollout history knows."""
+
+    revision: str = Field(max_length=64, description="Pod-template hash naming the revision.")
+    image: str = Field(max_length=512, description="Relay image of the revision.")
+    config_hash: str = Field("", max_length=64, description="Hash of its relay.yaml.")
+    outcome: Literal["Promoted", "RolledBack", "Aborted"] = Field(description="How it ended.")
+    time: str = Field(json_schema_extra={"format": "date-time"}, description="When.")
+    reason: str = Field("", max_length=1024, description="Why, for rollbacks and aborts.")
+
+
+class RolloutStatus(Schema):
+    """Where a blue-green or canary rollout stands; the operator resumes from here.
+
+    The operator writes this before it acts (a Service switch, a scale), so an operator
+    restarted at any point repeats at most an idempotent step, never a switch.
+    """
+
+    phase: RolloutPhase = Field("Stable", description="Current step of the rollout.")
+    message: str = Field("", max_length=2048, description="What the rollout waits for, or why.")
+    stable_revision: str | None = Field(
+        None, max_length=64, description="Revision taking traffic when no rollout runs."
+    )
+    stable_colour: Literal["blue", "green"] | None = Field(
+        None, description="Deployment (<name>-blue or <name>-green) of the stable revision."
+    )
+    stable_image: str | None = Field(None, max_length=512, description="Its image.")
+    candidate_revision: str | None = Field(
+        None, max_length=64, description="Revision being rolled out; unset when none."
+    )
+    candidate_colour: Literal["blue", "green"] | None = Field(
+        None, description="Deployment of the candidate."
+    )
+    candidate_image: str | None = Field(None, max_length=512, description="Its image.")
+    active_colour: Literal["blue", "green"] | None = Field(
+        None, description="Blue-green: the colour the Service sends traffic to."
+    )
+    rollback: bool = Field(False, description="The candidate is a rollback to an older revision.")
+    set_weight: int = Field(0, ge=0, le=100, description="Canary: weight of the current step.")
+    actual_weight: int = Field(
+        0, ge=0, le=100, description="Canary: the candidate's share of ready pods, percent."
+    )
+    paused: bool = Field(False, description="Held: by spec/annotation or by the operator.")
+    pause_reason: str | None = Field(None, max_length=64, description="Why it is held.")
+    phase_since: str | None = Field(
+        None, json_schema_extra={"format": "date-time"}, description="When the phase began."
+    )
+    switched_at: str | None = Field(
+        None, json_schema_extra={"format": "date-time"}, description="Blue-green: last switch."
+    )
+    next_analysis_at: str | None = Field(
+        None, json_schema_extra={"format": "date-time"}, description="When checks run next."
+    )
+    scale_down_colour: Literal["blue", "green"] | None = Field(
+        None, description="The old colour kept for a fast rollback."
+    )
+    scale_down_at: str | None = Field(
+        None,
+        json_schema_extra={"format": "date-time"},
+        description="When the old colour is scaled to zero.",
+    )
+    failed_checks: int = Field(0, ge=0, description="Failed analyses in this rollout.")
+    inconclusive_checks: int = Field(
+        0, ge=0, description="Inconclusive analyses in a row in this rollout."
+    )
+    analyses: int = Field(0, ge=0, description="Analyses run in this rollout (or step).")
+    last_checks: list[CheckResult] = Field(
+        default_factory=list, max_length=16, description="The last analysis, check by check."
+    )
+    rejected_revision: str | None = Field(
+        None,
+        max_length=64,
+        description="Revision rolled back or aborted: not rolled out again until the spec "
+        "changes or spec.strategy.retryRevision names it.",
+    )
+    handled_resume: str | None = Field(
+        None, max_length=64, description="Last resume value acted on."
+    )
+    history: list[RevisionRecord] = Field(
+        default_factory=list, max_length=10, description="The last revisions, newest last."
+    )
+
+
 class SmtpRelayStatus(Status):
     """What the operator last did and what it observed."""
+
+    rollout: RolloutStatus | None = Field(
+        None, description="Blue-green or canary progress; unset without spec.strategy."
+    )
 
     replicas: int = Field(0, ge=0, description="Relay pods that exist.")
     ready_replicas: int = Field(0, ge=0, description="Relay pods that pass /readyz.")
