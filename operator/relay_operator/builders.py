@@ -33,6 +33,11 @@ LABEL_RELAY = f"{GROUP}/relay"
 CONFIG_HASH = f"{GROUP}/config-hash"
 SECRETS_HASH = f"{GROUP}/secrets-hash"
 SECRET_VERSIONS = f"{GROUP}/secret-versions"
+COLOUR = f"{GROUP}/colour"
+REVISION = f"{GROUP}/revision"
+# preStop: kube-proxy and endpoint controllers need a moment to take a terminating pod
+# out of the Service; sessions opened in that moment still get a normal relay.
+PRE_STOP_S = 5
 
 
 @dataclass(frozen=True)
@@ -106,8 +111,9 @@ def _metadata(relay: Relay, name: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-def config_map_name(relay: Relay) -> str:
-    return f"{relay.name}-config"
+def config_map_name(relay: Relay, config_hash: str | None = None) -> str:
+    """`<name>-config`; with a strategy, one immutable ConfigMap per configuration."""
+    return f"{relay.name}-config-{config_hash[:10]}" if config_hash else f"{relay.name}-config"
 
 
 # ---------------------------------------------------------------------------------------
@@ -307,12 +313,25 @@ def secrets_digest(versions: Mapping[str, str]) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def config_map(relay: Relay, providers: Sequence[Provider]) -> dict[str, Any]:
+def config_map(
+    relay: Relay, providers: Sequence[Provider], *, per_revision: bool = False
+) -> dict[str, Any]:
+    """relay.yaml. Per revision (strategies): named by its hash and immutable, so each
+    colour keeps the configuration it was tested with while the other changes."""
+    text = render_config(relay, providers)
+    if not per_revision:
+        return {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": _metadata(relay, config_map_name(relay)),
+            "data": {"relay.yaml": text},
+        }
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(relay, config_map_name(relay)),
-        "data": {"relay.yaml": render_config(relay, providers)},
+        "metadata": _metadata(relay, config_map_name(relay, digest(text))),
+        "data": {"relay.yaml": text},
+        "immutable": True,
     }
 
 
@@ -322,14 +341,16 @@ def _duration_s(value: str) -> int:
     return int(float(number) * units[value[len(number) :]])
 
 
-def deployment(
+def pod_template(
     relay: Relay,
     providers: Sequence[Provider],
     *,
     image: str,
     config_hash: str,
     secret_versions: Mapping[str, str],
+    config_map: str | None = None,
 ) -> dict[str, Any]:
+    """The relay pod: everything a revision is, apart from the colour it runs in."""
     spec = relay.spec
     uses = secret_uses(relay, providers)
     sqlite = spec.queue.backend == "sqlite"
@@ -339,7 +360,7 @@ def deployment(
     else:
         queue_volume["emptyDir"] = {}
     volumes = [
-        {"name": "config", "configMap": {"name": config_map_name(relay)}},
+        {"name": "config", "configMap": {"name": config_map or config_map_name(relay)}},
         queue_volume,
         {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
         *(_volume(u) for u in uses if u.directory),
@@ -399,9 +420,13 @@ def deployment(
             "capabilities": {"drop": ["ALL"]},
         },
         "volumeMounts": mounts,
+        # On SIGTERM the relay answers 421 to new sessions, finishes open transactions and
+        # claimed deliveries within shutdown_grace, then exits; the pause first lets the
+        # endpoints drop the pod so that few sessions meet the 421 at all.
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_S}}},
     }
-    grace_s = _duration_s(spec.delivery.shutdown_grace) + 15
-    template = {
+    grace_s = _duration_s(spec.delivery.shutdown_grace) + PRE_STOP_S + 15
+    return {
         "metadata": {
             "labels": labels(relay),
             "annotations": {
@@ -425,6 +450,21 @@ def deployment(
             "volumes": volumes,
         },
     }
+
+
+def deployment(
+    relay: Relay,
+    providers: Sequence[Provider],
+    *,
+    image: str,
+    config_hash: str,
+    secret_versions: Mapping[str, str],
+) -> dict[str, Any]:
+    spec = relay.spec
+    sqlite = spec.queue.backend == "sqlite"
+    template = pod_template(
+        relay, providers, image=image, config_hash=config_hash, secret_versions=secret_versions
+    )
     # SQLite: one writer, and a ReadWriteOnce claim cannot follow a surge pod to another
     # node, so the old pod must be gone before the new one starts. MySQL: surge one pod
     # and never go below the wanted count, so capacity holds during a rollout.
@@ -451,15 +491,19 @@ def deployment(
     }
 
 
-def service(relay: Relay) -> dict[str, Any]:
+def service(relay: Relay, colour: str | None = None) -> dict[str, Any]:
+    """The relay's Service; with a colour (blue-green), only that colour's pods."""
     spec = relay.spec.service
+    selector = selector_labels(relay)
+    if colour is not None:
+        selector[COLOUR] = colour
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(relay, relay.name, annotations=dict(spec.annotations)),
         "spec": {
             "type": spec.type,
-            "selector": selector_labels(relay),
+            "selector": selector,
             "ports": [
                 {"name": "smtp", "port": spec.smtp_port, "targetPort": "smtp", "protocol": "TCP"},
                 {"name": "http", "port": spec.http_port, "targetPort": "http", "protocol": "TCP"},
@@ -476,5 +520,93 @@ def disruption_budget(relay: Relay) -> dict[str, Any]:
         "spec": {
             "maxUnavailable": relay.spec.disruption.max_unavailable,
             "selector": {"matchLabels": selector_labels(relay)},
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Rollout strategies: a Deployment per colour, revisions, the preview Service
+# ---------------------------------------------------------------------------------------
+
+
+def revision_of(template: Mapping[str, Any]) -> str:
+    """A revision's name: the hash of its pod template (image, configuration, Secrets)."""
+    return digest(json.dumps(template, sort_keys=True, separators=(",", ":")))[:10]
+
+
+def colour_name(relay: Relay, colour: str) -> str:
+    return f"{relay.name}-{colour}"
+
+
+def preview_name(relay: Relay) -> str:
+    strategy = relay.spec.strategy
+    named = strategy.blue_green.preview_service if strategy and strategy.blue_green else None
+    return named or f"{relay.name}-preview"
+
+
+def revision_name(relay: Relay, revision: str) -> str:
+    return f"{relay.name}-{revision}"
+
+
+def controller_revision(
+    relay: Relay, *, revision: str, number: int, template: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The pod template of one revision, kept so that a rollback can bring it back.
+
+    apps/v1 ControllerRevision is the object StatefulSets and DaemonSets keep their
+    history in; `kubectl get controllerrevisions` lists ours the same way.
+    """
+    meta = _metadata(relay, revision_name(relay, revision))
+    meta["labels"] = {**meta["labels"], REVISION: revision}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "ControllerRevision",
+        "metadata": meta,
+        "revision": number,
+        "data": {"template": template},
+    }
+
+
+def colour_deployment(
+    relay: Relay, *, colour: str, revision: str, template: Mapping[str, Any], replicas: int
+) -> dict[str, Any]:
+    """One colour's Deployment running `revision`."""
+    pods = json.loads(json.dumps(template))
+    pods["metadata"]["labels"] = {**pods["metadata"]["labels"], COLOUR: colour, REVISION: revision}
+    meta = _metadata(relay, colour_name(relay, colour))
+    meta["labels"] = {**meta["labels"], COLOUR: colour, REVISION: revision}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "replicas": replicas,
+            "revisionHistoryLimit": 2,
+            "selector": {"matchLabels": {**selector_labels(relay), COLOUR: colour}},
+            # Within a colour a template never changes while it takes traffic: a new
+            # revision goes to the idle colour. Surge keeps capacity when one does.
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+            },
+            "template": pods,
+        },
+    }
+
+
+def preview_service(relay: Relay, colour: str) -> dict[str, Any]:
+    """The candidate's own Service: the smoke test goes through it, before any traffic."""
+    spec = relay.spec.service
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(relay, preview_name(relay)),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {**selector_labels(relay), COLOUR: colour},
+            "ports": [
+                {"name": "smtp", "port": spec.smtp_port, "targetPort": "smtp", "protocol": "TCP"},
+                {"name": "http", "port": spec.http_port, "targetPort": "http", "protocol": "TCP"},
+            ],
         },
     }

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-TYPES = ("Ready", "Progressing", "Degraded")
+TYPES = ("Ready", "Progressing", "Degraded", "Promoted")
 
 
 @dataclass(frozen=True)
@@ -145,3 +145,63 @@ def transitions(
     """Conditions whose status or reason changed: each becomes one Event."""
     before = {c.get("type"): (c.get("status"), c.get("reason")) for c in previous}
     return [c for c in current if before.get(c["type"]) != (c["status"], c["reason"])]
+
+
+# Rollout phases in which a change is under way.
+_MOVING = ("Deploying", "SmokeTesting", "AwaitingConfirmation", "Observing", "CanaryStep")
+
+
+def strategy_conditions(
+    stable: Rollout | None, state: Any, desired_revision: str
+) -> list[dict[str, Any]]:
+    """Ready, Progressing, Degraded and Promoted for an SmtpRelay with a strategy.
+
+    `state` is the relay's models.RolloutStatus. Ready follows the stable colour's pods;
+    the rest follow the rollout, so `kubectl wait --for=condition=Promoted` waits for a
+    new revision to take all traffic and Degraded says when one was sent back.
+    """
+    if stable is None:
+        ready = condition("Ready", False, "Creating", "the stable Deployment is being created")
+    elif stable.desired == 0:
+        ready = condition("Ready", True, "ScaledToZero", "spec.replicas is 0: no pods wanted")
+    elif stable.serving:
+        ready = condition(
+            "Ready", True, "PodsAvailable", f"{stable.available}/{stable.desired} pods available"
+        )
+    else:
+        ready = condition(
+            "Ready", False, "PodsNotReady", f"{stable.available}/{stable.desired} pods available"
+        )
+    phase, message = state.phase, state.message or state.phase
+    if state.paused:
+        reason = state.pause_reason or "Paused"
+        progressing = condition("Progressing", False, "Paused", message)
+    elif phase in _MOVING or phase == "Promoting":
+        progressing = condition("Progressing", True, phase, message)
+    else:
+        progressing = condition("Progressing", False, "RolloutComplete", message)
+    # The spec names a revision that was rolled back or aborted: it is not running.
+    rejected = phase not in (*_MOVING, "Promoting") and state.rejected_revision == desired_revision
+    why = phase if phase != "Stable" else "RolledBack"
+    if rejected:
+        message = (
+            f"revision {desired_revision} was {why}: {message}; change the spec or set "
+            "spec.strategy.retryRevision to roll it out again"
+        )
+    if state.paused and state.pause_reason not in (None, "Requested"):
+        degraded = condition("Degraded", True, reason, message)
+    elif rejected:
+        degraded = condition("Degraded", True, why, message)
+    else:
+        degraded = condition("Degraded", False, "AsExpected", "no problem found")
+    if state.stable_revision == desired_revision and not state.candidate_revision:
+        promoted = condition(
+            "Promoted", True, "Promoted", f"revision {desired_revision} takes all traffic"
+        )
+    elif rejected:
+        promoted = condition("Promoted", False, why, message)
+    else:
+        promoted = condition(
+            "Promoted", False, "RollingOut", f"revision {desired_revision}: {message}"
+        )
+    return [ready, progressing, degraded, promoted]

@@ -24,7 +24,7 @@ from typing import Any
 import kopf
 import pydantic
 
-from relay_operator import builders, conditions, providers
+from relay_operator import builders, conditions, providers, rollout, strategies
 from relay_operator.builders import Provider, Relay
 from relay_operator.conditions import Problem
 from relay_operator.kube import FIELD_MANAGER, ApiError, Kube, event, path
@@ -49,6 +49,8 @@ class Context:
     priority: int
     locks: dict[tuple[str, str, str], asyncio.Lock] = field(default_factory=dict)
     resync: asyncio.Task[None] | None = None
+    timers: dict[tuple[str, str], asyncio.TimerHandle] = field(default_factory=dict)
+    woken: set[asyncio.Task[None]] = field(default_factory=set)
 
     @asynccontextmanager
     async def lock(self, kind: str, namespace: str, name: str) -> AsyncIterator[None]:
@@ -58,6 +60,39 @@ class Context:
         lock = self.locks.setdefault(key, asyncio.Lock())
         async with lock:
             yield
+
+
+def _wake_later(ctx: Context, namespace: str, name: str, at: datetime.datetime | None) -> None:
+    """Reconcile the relay again at `at`: a rollout's next step is due then.
+
+    The resync would get there too, but up to a resync interval late; an observe window
+    of 5 minutes should not become 6.
+    """
+    key = (namespace, name)
+    old = ctx.timers.pop(key, None)
+    if old is not None:
+        old.cancel()
+    if at is None:
+        return
+    delay = max(0.2, (at - datetime.datetime.now(datetime.UTC)).total_seconds() + 0.2)
+    if delay > ctx.settings.resync_interval_s:
+        return
+
+    def fire() -> None:
+        ctx.timers.pop(key, None)
+        task = asyncio.create_task(_woken(ctx, namespace, name))
+        ctx.woken.add(task)
+        task.add_done_callback(ctx.woken.discard)
+
+    ctx.timers[key] = asyncio.get_running_loop().call_later(delay, fire)
+
+
+async def _woken(ctx: Context, namespace: str, name: str) -> None:
+    try:
+        if await _is_active(ctx):
+            await reconcile_relay(ctx, namespace, name)
+    except Exception:
+        logger.exception("SmtpRelay %s/%s: timed reconcile failed", namespace, name)
 
 
 def _context(memo: Any) -> Context:
@@ -96,9 +131,18 @@ async def _write_status(
         now=_now(),
         generation=status["observedGeneration"],
     )
-    if any(previous.get(key) != value for key, value in status.items()):
+    if any(_bare(previous.get(key)) != _bare(value) for key, value in status.items()):
         await ctx.kube.patch_status(url, status)
     return conditions.transitions(old_conditions, status["conditions"])
+
+
+def _bare(value: Any) -> Any:
+    """A status value without null members: what the API server stores of a merge patch."""
+    if isinstance(value, dict):
+        return {k: _bare(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_bare(v) for v in value]
+    return value
 
 
 async def _report_transitions(
@@ -109,6 +153,8 @@ async def _report_transitions(
     }
     for condition in changed:
         kind, ok = condition["type"], condition["status"] == "True"
+        if kind == "Promoted":
+            continue  # the rollout posts its own Events, one per step
         if kind == "Degraded" and ok:
             await _announce(ctx, obj, condition["reason"], condition["message"], warning=True)
         elif kind == "Ready" and ok:
@@ -330,11 +376,17 @@ async def reconcile_relay(ctx: Context, namespace: str, name: str) -> None:
             relay = Relay(name, namespace, obj["metadata"]["uid"], spec)
             inputs = await _gather(ctx, relay)
 
+        if relay is not None and relay.spec.strategy is not None and not inputs.problems:
+            await _reconcile_strategy(ctx, obj, relay, inputs, url)
+            return
         deployment: dict[str, Any] | None
+        retired = False
         if relay is not None and not inputs.problems:
             deployment = await _apply_children(ctx, obj, relay, inputs)
             if previous.get("observedGeneration") != generation:
                 await _design_only_warnings(ctx, obj, relay)
+            if previous.get("rollout"):
+                retired = await _retire_strategy(ctx, obj, relay, deployment)
         else:
             # A broken configuration is never rolled out: the pods keep running on the
             # last good one while the status says what to fix.
@@ -350,6 +402,8 @@ async def reconcile_relay(ctx: Context, namespace: str, name: str) -> None:
             "observedGeneration": generation,
             "conditions": conditions.relay_conditions(problem, state),
         }
+        if retired:
+            status["rollout"] = None
         if deployment is not None:
             pod = _pod_annotations(deployment)
             status.update(
@@ -364,16 +418,7 @@ async def reconcile_relay(ctx: Context, namespace: str, name: str) -> None:
 
 
 async def _design_only_warnings(ctx: Context, obj: dict[str, Any], relay: Relay) -> None:
-    """Say so, once per generation, when the spec asks for what is not built yet."""
-    if relay.spec.strategy is not None:
-        await _announce(
-            ctx,
-            obj,
-            "StrategyNotImplemented",
-            f"spec.strategy.type {relay.spec.strategy.type} is not acted on yet: changes "
-            "roll out as a rolling update",
-            warning=True,
-        )
+    """Say so, once per generation, when the spec asks for something risky."""
     sqlite = relay.spec.queue.sqlite
     if relay.spec.queue.backend == "sqlite" and not (sqlite and sqlite.claim_name):
         await _announce(
@@ -384,6 +429,77 @@ async def _design_only_warnings(ctx: Context, obj: dict[str, Any], relay: Relay)
             "still queued is lost when the pod is deleted",
             warning=True,
         )
+
+
+async def _reconcile_strategy(
+    ctx: Context, obj: dict[str, Any], relay: Relay, inputs: Inputs, url: str
+) -> None:
+    """A blue-green or canary relay: one pass of strategies.run, then the status."""
+
+    async def announce(reason: str, message: str, warning: bool) -> None:
+        await _announce(ctx, obj, reason, message, warning=warning)
+
+    async def write_state(state: Any) -> None:
+        await ctx.kube.patch_status(url, {"rollout": state.model_dump(mode="json", by_alias=True)})
+
+    outcome = await strategies.run(
+        ctx.kube,
+        ctx.settings,
+        obj,
+        relay,
+        inputs.providers,
+        inputs.secret_versions,
+        announce,
+        write_state,
+    )
+    state = outcome.plan.state
+    _wake_later(ctx, relay.namespace, relay.name, outcome.plan.wake_at)
+    found = {c: d for c, d in outcome.deployments.items() if d is not None}
+    stable = found.get(state.stable_colour) if state.stable_colour else None
+    stable_rollout = conditions.rollout(stable) if stable else None
+    states = {c: strategies.colour_state(d) for c, d in found.items()}
+    status: dict[str, Any] = {
+        "observedGeneration": obj["metadata"].get("generation", 0),
+        "conditions": conditions.strategy_conditions(stable_rollout, state, outcome.revision),
+        "replicas": sum(int((d.get("status") or {}).get("replicas", 0)) for d in found.values()),
+        "readyReplicas": sum(
+            int((d.get("status") or {}).get("readyReplicas", 0)) for d in found.values()
+        ),
+        "updatedReplicas": sum(
+            s.available for s in states.values() if s.revision == outcome.revision
+        ),
+        "rollout": state.model_dump(mode="json", by_alias=True),
+    }
+    if stable is not None:
+        pod = _pod_annotations(stable)
+        status.update(
+            configHash=pod.get(builders.CONFIG_HASH), secretsHash=pod.get(builders.SECRETS_HASH)
+        )
+    obj = {**obj, "status": {**(obj.get("status") or {}), "rollout": status["rollout"]}}
+    changed = await _write_status(ctx, obj, status, url)
+    await _report_transitions(ctx, obj, changed)
+
+
+async def _retire_strategy(
+    ctx: Context, obj: dict[str, Any], relay: Relay, deployment: dict[str, Any]
+) -> bool:
+    """spec.strategy was removed: once the plain Deployment serves, the colours go."""
+    if not conditions.rollout(deployment).serving:
+        return False
+    removed = []
+    for colour in rollout.COLOURS:
+        name = builders.colour_name(relay, colour)
+        if await ctx.kube.delete(path("apps/v1", "Deployment", relay.namespace, name)):
+            removed.append(name)
+    await ctx.kube.delete(path("v1", "Service", relay.namespace, builders.preview_name(relay)))
+    if removed:
+        await _announce(
+            ctx,
+            obj,
+            "StrategyRemoved",
+            f"spec.strategy unset: Deployment {relay.name} serves; deleted {', '.join(removed)}",
+        )
+    return True
 
 
 # ---------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ _KINDS: dict[tuple[str, str], tuple[str, str]] = {
     ("v1", "Service"): ("/api/v1", "services"),
     ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
     ("apps/v1", "ReplicaSet"): ("/apis/apps/v1", "replicasets"),
+    ("apps/v1", "ControllerRevision"): ("/apis/apps/v1", "controllerrevisions"),
     ("policy/v1", "PodDisruptionBudget"): ("/apis/policy/v1", "poddisruptionbudgets"),
     (API_VERSION, "SmtpRelay"): (f"/apis/{API_VERSION}", "smtprelays"),
     (API_VERSION, "RelayProvider"): (f"/apis/{API_VERSION}", "relayproviders"),
@@ -124,6 +125,21 @@ class Kube:
         )
         assert result is not None
         return result
+
+    async def delete(self, url: str) -> bool:
+        """Delete in the background (dependents go with it); False when already gone."""
+        try:
+            await asyncio.to_thread(
+                self.request,
+                "DELETE",
+                url,
+                body={"propagationPolicy": "Background"},
+            )
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
 
     async def post_event(self, event: dict[str, Any]) -> None:
         url = f"/api/v1/namespaces/{event['metadata']['namespace']}/events"

@@ -763,12 +763,19 @@ class SmtpRelaySpec(Schema):
     model_config = ConfigDict(
         json_schema_extra=validations(
             cel(
+                "self.queue.backend == 'mysql' || !has(self.strategy)",
+                "spec.strategy needs spec.queue.backend mysql: two versions run side by side "
+                "during a rollout, and with sqlite each pod would have its own queue file",
+                fieldPath=".strategy",
+                reason="FieldValueInvalid",
+            ),
+            cel(
                 "self.queue.backend != 'sqlite' || self.replicas <= 1",
                 "spec.replicas must be 0 or 1 with spec.queue.backend sqlite: each pod would "
                 "have its own queue file; use backend mysql to run more replicas",
                 fieldPath=".replicas",
                 reason="FieldValueInvalid",
-            )
+            ),
         )
     )
 

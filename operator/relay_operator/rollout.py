@@ -96,14 +96,18 @@ class ColourState:
 
 @dataclass(frozen=True)
 class Controls:
-    """What a person asked for, from spec.strategy and the annotations."""
+    """What a person asked for, from spec.strategy and the annotations.
+
+    promote, abort, rollback and retry hold revision names (from the spec field and the
+    annotation both): each acts only on the revision it names.
+    """
 
     paused: bool = False
-    promote: str | None = None
-    abort: str | None = None
-    rollback: str | None = None
+    promote: frozenset[str] = frozenset()
+    abort: frozenset[str] = frozenset()
+    rollback: frozenset[str] = frozenset()
+    retry: frozenset[str] = frozenset()
     resume: str | None = None
-    retry: str | None = None
 
 
 @dataclass(frozen=True)
@@ -232,8 +236,8 @@ class _Planner:
         start = _time(moment) or self.now
         return (self.now - start).total_seconds()
 
-    def controls_name(self, revision: str | None) -> bool:
-        return revision is not None and revision == self.state.candidate_revision
+    def names_candidate(self, revisions: frozenset[str]) -> bool:
+        return self.state.candidate_revision in revisions
 
     @property
     def replicas(self) -> int:
@@ -279,7 +283,7 @@ class _Planner:
 
     def idle(self) -> None:
         state, target, controls = self.state, self.seen.target, self.seen.controls
-        if controls.rollback and controls.rollback == state.stable_revision:
+        if state.stable_revision in controls.rollback:
             self.start_rollback()
             return
         if target.revision == state.stable_revision:
@@ -287,7 +291,7 @@ class _Planner:
                 # The spec went back to the stable revision after a rollback: settled.
                 self.move("Stable", f"revision {target.revision} is stable")
             return
-        retried = controls.retry == target.revision
+        retried = target.revision in controls.retry
         if target.revision == state.rejected_revision and not retried:
             return
         self.start(target.revision, target.image, rollback=False)
@@ -344,9 +348,7 @@ class _Planner:
 
     def in_progress(self) -> None:
         state, controls, target = self.state, self.seen.controls, self.seen.target
-        if self.controls_name(controls.abort) or (
-            controls.rollback and controls.rollback == state.stable_revision
-        ):
+        if self.names_candidate(controls.abort) or state.stable_revision in controls.rollback:
             self.end("Aborted", "Aborted", "aborted by request", reject=True)
             return
         superseded = not state.rollback and target.revision != state.candidate_revision
@@ -354,7 +356,7 @@ class _Planner:
             # The spec moved on mid-rollout: traffic goes home, then the new one starts.
             self.end("Aborted", "Superseded", f"superseded by revision {target.revision}")
             return
-        if self.controls_name(controls.promote) and state.phase not in ("Deploying", "Promoting"):
+        if self.names_candidate(controls.promote) and state.phase not in ("Deploying", "Promoting"):
             self.promote_now()
             return
         if self.pause_changes():
@@ -638,7 +640,7 @@ class _Planner:
     # --- the ends ----------------------------------------------------------------------------
 
     def promote_requested(self) -> bool:
-        return self.controls_name(self.seen.controls.promote)
+        return self.names_candidate(self.seen.controls.promote)
 
     def promote_now(self) -> None:
         """Skip what is left: smoke test, confirmation, analysis, steps, observe window."""

@@ -63,6 +63,12 @@ class OperatorSettings(BaseSettings):
         "operator in the middle of a reconcile; leave 0 in production.",
     )
     log_format: str = Field("json", pattern="^(json|text)$", description="json or text.")
+    service_host_override: str | None = Field(
+        None,
+        description="Host the smoke test connects to instead of the preview Service's "
+        "cluster DNS name (<service>.<namespace>.svc), on the SmtpRelay's Service ports. "
+        "For an operator run outside the cluster; leave unset in production.",
+    )
 
 
 def priority() -> int:

@@ -179,6 +179,9 @@ class OperatorProcess:
             "RELAY_OPERATOR_RESYNC_INTERVAL_S": "2",
             "RELAY_OPERATOR_LOG_FORMAT": "text",
             "RELAY_OPERATOR_RELAY_IMAGE": "smtp-relay:test",
+            # kwok pods have no network: smoke tests reach a relay on 127.0.0.1 instead,
+            # on the ports each test's SmtpRelay gives its Service.
+            "RELAY_OPERATOR_SERVICE_HOST_OVERRIDE": "127.0.0.1",
             "RELAY_OPERATOR_LIVENESS_ENDPOINT": f"http://127.0.0.1:{port}/healthz",
             **self.env,
             **{f"RELAY_OPERATOR_{k.upper()}": v for k, v in settings.items()},

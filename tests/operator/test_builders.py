@@ -152,7 +152,10 @@ def test_deployment_runs_the_relay_as_specified() -> None:
         "requests": {"cpu": "250m", "memory": "256Mi"},
         "limits": {"memory": "1Gi"},
     }
-    assert pod["terminationGracePeriodSeconds"] == 25 + 15
+    # shutdown_grace, the preStop pause before SIGTERM, and a margin before SIGKILL.
+    assert pod["terminationGracePeriodSeconds"] == 25 + builders.PRE_STOP_S + 15
+    lifecycle = pod["containers"][0]["lifecycle"]
+    assert lifecycle == {"preStop": {"sleep": {"seconds": builders.PRE_STOP_S}}}
     annotations = manifest["spec"]["template"]["metadata"]["annotations"]
     assert annotations[builders.CONFIG_HASH] == "c0ffee"
 
@@ -228,3 +231,71 @@ def test_volume_names_are_dns_labels_for_long_secret_names() -> None:
     for use in builders.secret_uses(EMBEDDED, [provider]):
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", use.volume)
         assert len(use.volume) <= 63
+
+
+# ---------------------------------------------------------------------------------------
+# Rollout strategies
+# ---------------------------------------------------------------------------------------
+
+
+def _template(relay: Relay, image: str = "smtp-relay:1") -> dict[str, Any]:
+    config = builders.config_map(relay, PROVIDERS, per_revision=True)
+    return builders.pod_template(
+        relay,
+        PROVIDERS,
+        image=image,
+        config_hash=builders.digest(config["data"]["relay.yaml"]),
+        secret_versions={},
+        config_map=config["metadata"]["name"],
+    )
+
+
+def test_revision_config_map_is_immutable_and_named_by_its_content() -> None:
+    config = builders.config_map(PRODUCTION, PROVIDERS, per_revision=True)
+    digest = builders.digest(config["data"]["relay.yaml"])
+    assert config["immutable"] is True
+    assert config["metadata"]["name"] == f"{PRODUCTION.name}-config-{digest[:10]}"
+    template = _template(PRODUCTION)
+    volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == config["metadata"]["name"]
+
+
+def test_revision_names_the_pod_template() -> None:
+    one, same, other = _template(PRODUCTION), _template(PRODUCTION), _template(PRODUCTION, "x:2")
+    assert builders.revision_of(one) == builders.revision_of(same)
+    assert builders.revision_of(one) != builders.revision_of(other)
+    assert re.fullmatch("[0-9a-f]{10}", builders.revision_of(one))
+
+
+def test_colour_deployment_selects_its_colour_and_labels_the_revision() -> None:
+    template = _template(PRODUCTION)
+    manifest = builders.colour_deployment(
+        PRODUCTION, colour="green", revision="abc", template=template, replicas=3
+    )
+    assert manifest["metadata"]["name"] == f"{PRODUCTION.name}-green"
+    assert manifest["spec"]["replicas"] == 3
+    selector = manifest["spec"]["selector"]["matchLabels"]
+    assert selector[builders.COLOUR] == "green" and builders.REVISION not in selector
+    labels = manifest["spec"]["template"]["metadata"]["labels"]
+    assert labels[builders.COLOUR] == "green" and labels[builders.REVISION] == "abc"
+    # The template handed in is not changed (it is also the stored revision).
+    assert builders.COLOUR not in template["metadata"]["labels"]
+
+
+def test_services_select_a_colour_or_all_pods() -> None:
+    blue = builders.service(PRODUCTION, "blue")["spec"]["selector"]
+    everyone = builders.service(PRODUCTION)["spec"]["selector"]
+    assert blue == {**everyone, builders.COLOUR: "blue"}
+    preview = builders.preview_service(PRODUCTION, "green")
+    assert preview["metadata"]["name"] == f"{PRODUCTION.name}-preview"
+    assert preview["spec"]["selector"][builders.COLOUR] == "green"
+    assert preview["spec"]["type"] == "ClusterIP"
+
+
+def test_controller_revision_keeps_the_template() -> None:
+    template = _template(PRODUCTION)
+    stored = builders.controller_revision(PRODUCTION, revision="abc", number=4, template=template)
+    assert stored["kind"] == "ControllerRevision" and stored["revision"] == 4
+    assert stored["data"]["template"] == template
+    assert stored["metadata"]["labels"][builders.REVISION] == "abc"
+    assert stored["metadata"]["ownerReferences"][0]["kind"] == "SmtpRelay"

@@ -131,6 +131,22 @@ def test_crds_are_documented_for_kubectl_explain(installed: Cluster) -> None:
             "spec.credentials.secretRef is required",
         ),
         ({"kind": "RelayProvider", "spec": {"type": "pigeon"}}, "spec.type", "Unsupported value"),
+        (
+            {"kind": "SmtpRelay", "spec": {"providers": ["p"], "strategy": {"type": "Canary"}}},
+            "spec.strategy",
+            "needs spec.queue.backend mysql",
+        ),
+        (
+            {
+                "kind": "SmtpRelay",
+                "spec": {
+                    "providers": ["p"],
+                    "strategy": {"type": "Canary", "canary": {"stepWeight": 60, "maxWeight": 50}},
+                },
+            },
+            "spec.strategy.canary",
+            "stepWeight must not exceed maxWeight",
+        ),
     ],
     ids=[
         "six-field-cron",
@@ -141,6 +157,8 @@ def test_crds_are_documented_for_kubectl_explain(installed: Cluster) -> None:
         "mysql-without-server",
         "provider-without-secret-ref",
         "unknown-provider-type",
+        "strategy-with-sqlite",
+        "canary-step-above-max",
     ],
 )
 def test_invalid_resources_are_refused_naming_the_field(

@@ -274,13 +274,13 @@ def test_manual_abort_pause_and_promote() -> None:
     world.controls = Controls(paused=True)
     world.run_for(20 * 60)
     assert world.phase == "Observing" and world.state is not None and world.state.paused
-    world.controls = Controls(promote="rev2")
+    world.controls = Controls(promote=frozenset({"rev2"}))
     world.step()
     assert world.phase == "Stable" and world.state.stable_revision == "rev2"
     world.controls = Controls()
     roll(world, V3)
     assert world.last is not None and world.last.service_colour == "blue"
-    world.controls = Controls(abort="rev3")
+    world.controls = Controls(abort=frozenset({"rev3"}))
     world.step()
     assert world.phase == "Aborted"
     assert world.last.service_colour == "green" and world.pods() == (0, 4)
@@ -296,7 +296,7 @@ def test_manual_rollback_within_the_delay_is_a_switch() -> None:
     world.run_for(6 * 60)
     assert world.phase == "Stable" and world.pods() == (4, 4)
     asked = len(world.asked)
-    world.controls = Controls(rollback="rev2")
+    world.controls = Controls(rollback=frozenset({"rev2"}))
     world.step()
     assert world.phase == "Stable" and world.reasons()[-1] == "RolledBack"
     assert world.state is not None and world.state.stable_revision == "rev1"
