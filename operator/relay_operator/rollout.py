@@ -605,8 +605,10 @@ class _Planner:
             failed = [o.message for o in outcomes if o.outcome == "Fail"]
             count = state.failed_checks + 1
             self.set(failed_checks=count, inconclusive_checks=0)
-            self.say("AnalysisFailed", f"{count}/{limit}: " + "; ".join(failed), warning=True)
-            if count >= limit:
+            if count < limit:
+                self.say("AnalysisFailed", f"{count}/{limit}: " + "; ".join(failed), warning=True)
+            else:
+                # One Event for the last failure: the rollback's, under the same reason.
                 self.end(
                     "RolledBack",
                     "AnalysisFailed",

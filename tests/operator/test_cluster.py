@@ -519,7 +519,11 @@ def test_chart_is_lint_clean_and_passes_a_server_side_dry_run(
     for verb, resource, allowed in [
         ("get", "secrets", "yes"),
         ("list", "secrets", "no"),
-        ("delete", "deployments", "no"),
+        # Deleting: the Deployment from before spec.strategy, and old revisions.
+        ("delete", "deployments", "yes"),
+        ("delete", "controllerrevisions.apps", "yes"),
+        ("delete", "secrets", "no"),
+        ("delete", "pods", "no"),
         ("patch", "smtprelays.relay.smtp-relay.dev", "yes"),
         ("create", "backuppolicies.relay.smtp-relay.dev", "no"),
     ]:
