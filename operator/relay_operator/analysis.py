@@ -22,14 +22,16 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 
 from relay_operator import models
 from relay_operator.peers import reason, short
 
-Verdict = Literal["Pass", "Fail", "Inconclusive"]
+# The pure state machine owns the outcome type; this module only produces outcomes.
+from relay_operator.rollout import CheckOutcome as Outcome
+from relay_operator.rollout import Verdict
 
 _DURATION = re.compile(models.DURATION_PATTERN)
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -158,24 +160,6 @@ def checks(
 # ---------------------------------------------------------------------------------------
 # Outcomes: what came back
 # ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """One check's result."""
-
-    name: str
-    outcome: Verdict
-    value: float | None
-    message: str
-
-    def as_status(self) -> dict[str, Any]:
-        """The status form (models.CheckResult, camelCase); no value key when there is none."""
-        found: dict[str, Any] = {"name": self.name, "outcome": self.outcome}
-        if self.value is not None:
-            found["value"] = self.value
-        found["message"] = self.message[:1024]
-        return found
 
 
 def verdict(outcomes: Sequence[Outcome]) -> Verdict:

@@ -121,7 +121,7 @@ class Target:
 
 @dataclass(frozen=True)
 class CheckOutcome:
-    """An analysis check's result, as analysis.Outcome gives it."""
+    """An analysis check's result (analysis.run produces them)."""
 
     name: str
     outcome: Verdict

@@ -228,8 +228,7 @@ class StrategyRun:
         checks = analysis.checks(
             spec, namespace=self.namespace, pods=pods, window=window, error_rate_max=error_rate
         )
-        outcomes = await analysis.run(spec.prometheus, checks)
-        return [rollout.CheckOutcome(o.name, o.outcome, o.value, o.message) for o in outcomes]
+        return await analysis.run(spec.prometheus, checks)
 
     async def confirm(self, state: RolloutStatus) -> tuple[bool, str]:
         hook = self.strategy.confirm_promotion_webhook

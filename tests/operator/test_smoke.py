@@ -9,12 +9,14 @@ from contextlib import asynccontextmanager
 import pytest
 from relay_operator.smoke import smoke_test
 
+from relay.clock import utcnow
 from tests.conftest import StartRelay
 from tests.servers import free_port
 
-pytestmark = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+SQLITE = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 
 
+@SQLITE
 async def test_a_healthy_relay_passes_and_no_mail_is_queued(start_relay: StartRelay) -> None:
     service = await start_relay()
     found = await smoke_test(
@@ -23,10 +25,11 @@ async def test_a_healthy_relay_passes_and_no_mail_is_queued(start_relay: StartRe
     assert found.ok, found.message
     assert "SMTP 220/250/250/221" in found.message and "/health 200 (healthy)" in found.message
     # The smoke test must not put anything into the production queue.
-    stats = await service.store.stats(now=__import__("relay.clock").clock.utcnow())
+    stats = await service.store.stats(now=utcnow())
     assert sum(stats.counts.values()) == 0
 
 
+@SQLITE
 async def test_a_relay_in_maintenance_fails_at_the_greeting(start_relay: StartRelay) -> None:
     service = await start_relay()
     await service.set_maintenance(True, "draining for the rollout", "test")
@@ -37,7 +40,7 @@ async def test_a_relay_in_maintenance_fails_at_the_greeting(start_relay: StartRe
     assert found.message.startswith("SMTP greeting: 421"), found.message
 
 
-async def test_nothing_listening_fails_at_connect(start_relay: StartRelay) -> None:
+async def test_nothing_listening_fails_at_connect() -> None:
     found = await smoke_test("127.0.0.1", smtp_port=free_port(), http_port=free_port(), timeout_s=5)
     assert not found.ok
     assert found.message == "SMTP connect: connection refused"
@@ -64,7 +67,7 @@ async def peer(script: Script) -> AsyncIterator[int]:
         await server.wait_closed()
 
 
-async def test_a_silent_peer_times_out_naming_the_step(start_relay: StartRelay) -> None:
+async def test_a_silent_peer_times_out_naming_the_step() -> None:
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await asyncio.sleep(5)
 
@@ -74,7 +77,7 @@ async def test_a_silent_peer_times_out_naming_the_step(start_relay: StartRelay) 
     assert found.message == "SMTP greeting: no answer within 0.5 s"
 
 
-async def test_ehlo_refused_is_reported_with_the_reply(start_relay: StartRelay) -> None:
+async def test_ehlo_refused_is_reported_with_the_reply() -> None:
     async def refusing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 peer ESMTP\r\n")
         await reader.readline()
@@ -88,7 +91,7 @@ async def test_ehlo_refused_is_reported_with_the_reply(start_relay: StartRelay) 
     assert found.message == "EHLO: 554 5.7.1 not you 5.7.1 go away"
 
 
-async def test_smtp_fine_but_health_unhealthy_fails(start_relay: StartRelay) -> None:
+async def test_smtp_fine_but_health_unhealthy_fails() -> None:
     async def smtp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 peer ESMTP\r\n")
         for reply in (b"250 peer\r\n", b"250 2.0.0 OK\r\n", b"221 2.0.0 Bye\r\n"):
