@@ -1068,6 +1068,11 @@ SMTP_RELAY = Kind(
         Column("Ready", ".status.readyReplicas", "integer", "Relay pods passing /readyz."),
         Column("Status", f"{_READY}.status", description="Ready condition."),
         Column("Reason", f"{_READY}.reason", description="Why, in one word."),
+        Column("Rollout", ".status.rollout.phase", description="Rollout phase (spec.strategy)."),
+        Column("Active", ".status.rollout.activeColour", description="Colour taking traffic."),
+        Column(
+            "Weight", ".status.rollout.setWeight", "integer", "Canary weight, percent.", priority=1
+        ),
         Column("Backend", ".spec.queue.backend", description="Queue backend.", priority=1),
         _AGE,
     ),

@@ -322,6 +322,11 @@ def test_blue_green_promotes_after_smoke_test_and_observe_window(
     assert relay.selector(f"{relay.name}-preview")[COLOUR] == "green"  # type: ignore[index]
     assert relay.replicas() == (2, 2)  # blue stays up for a fast switch back
     assert relay.condition("Progressing")[:2] == ("True", "Observing")  # type: ignore[index]
+    # `kubectl get` shows the rollout at a glance (printer columns).
+    table = operator.cluster.kubectl("get", "-n", namespace, "smtprelay", relay.name).stdout
+    header, row = table.splitlines()[:2]
+    shown = dict(zip(header.split(), row.split(), strict=False))
+    assert (shown["ROLLOUT"], shown["ACTIVE"]) == ("Observing", "green"), table
 
     stable = relay.wait_phase("Stable", timeout=30)
     assert stable["stableColour"] == "green" and stable["stableRevision"] != first
