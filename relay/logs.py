@@ -56,7 +56,9 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
     root.setLevel(level)
     # aiosmtpd logs every command line, addresses included, at INFO: keep it to warnings.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
-    for noisy in ("uvicorn.access", "aiosqlite", "asyncio"):
+    # httpx logs each provider request's URL at INFO: per message, and a URL is not ours
+    # to vouch for (a configured base URL may carry credentials).
+    for noisy in ("uvicorn.access", "aiosqlite", "asyncio", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

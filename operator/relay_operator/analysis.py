@@ -31,19 +31,9 @@ from relay_operator.peers import reason, short
 
 # The pure state machine owns the outcome type; this module only produces outcomes.
 from relay_operator.rollout import CheckOutcome as Outcome
-from relay_operator.rollout import Verdict
+from relay_operator.rollout import Verdict, duration_s
 
 _DURATION = re.compile(models.DURATION_PATTERN)
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def duration_seconds(value: str) -> float:
-    """The spec's duration spelling (`500ms`, `30s`, `5m`, `2h`, `1d`) in seconds."""
-    match = _DURATION.match(value)
-    if match is None:
-        raise ValueError(f"not a duration: {value!r} (use e.g. 500ms, 30s, 5m, 2h, 1d)")
-    number = value[: match.start(1)]
-    return float(number) * _UNIT_SECONDS[match[1]]
 
 
 # ---------------------------------------------------------------------------------------
@@ -315,7 +305,7 @@ async def run(
 ) -> list[Outcome]:
     """Ask Prometheus every check at once; one Outcome per check, in order. Never raises
     for a Prometheus problem: those are Inconclusive outcomes."""
-    seconds = duration_seconds(prometheus.timeout)
+    seconds = duration_s(prometheus.timeout)
     endpoint = _Endpoint(
         url=prometheus.address.rstrip("/") + "/api/v1/query",
         timeout=prometheus.timeout,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import secrets
 import socket
@@ -47,11 +48,20 @@ def identity() -> str:
     return f"{where}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
+def quiet_libraries() -> None:
+    """httpx logs every request's full URL at INFO (and more at DEBUG). A webhook or
+    Prometheus address may carry credentials in its userinfo or query string, and those
+    must never reach a log: only warnings from the HTTP client, verbose or not."""
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def run(settings: OperatorSettings, *, verbose: bool = False) -> None:
     from relay_operator import handlers  # registers the handlers with kopf
 
     log_format = kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.FULL
     kopf.configure(verbose=verbose, log_format=log_format)
+    quiet_libraries()
     kopf_settings = kopf.OperatorSettings()
     configure_kopf(kopf_settings, settings)
     context = handlers.Context(

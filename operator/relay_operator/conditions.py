@@ -152,32 +152,32 @@ _MOVING = ("Deploying", "SmokeTesting", "AwaitingConfirmation", "Observing", "Ca
 
 
 def strategy_conditions(
-    stable: Rollout | None, state: Any, desired_revision: str
+    serving: int, desired: int, state: Any, desired_revision: str
 ) -> list[dict[str, Any]]:
     """Ready, Progressing, Degraded and Promoted for an SmtpRelay with a strategy.
 
-    `state` is the relay's models.RolloutStatus. Ready follows the stable colour's pods;
-    the rest follow the rollout, so `kubectl wait --for=condition=Promoted` waits for a
-    new revision to take all traffic and Degraded says when one was sent back.
+    `state` is the relay's models.RolloutStatus. Ready counts the available pods behind
+    the Service, whichever colour they are (a canary step moves pods between colours
+    without taking capacity away, and Ready must not flicker for it); the rest follow
+    the rollout, so `kubectl wait --for=condition=Promoted` waits for a new revision to
+    take all traffic and Degraded says when one was sent back.
     """
-    if stable is None:
-        ready = condition("Ready", False, "Creating", "the stable Deployment is being created")
-    elif stable.desired == 0:
+    if desired == 0:
         ready = condition("Ready", True, "ScaledToZero", "spec.replicas is 0: no pods wanted")
-    elif stable.serving:
-        ready = condition(
-            "Ready", True, "PodsAvailable", f"{stable.available}/{stable.desired} pods available"
-        )
+    elif serving >= desired:
+        ready = condition("Ready", True, "PodsAvailable", f"{serving}/{desired} pods available")
+    elif state.stable_colour is None:
+        ready = condition("Ready", False, "Creating", "the first revision is being deployed")
     else:
-        ready = condition(
-            "Ready", False, "PodsNotReady", f"{stable.available}/{stable.desired} pods available"
-        )
+        ready = condition("Ready", False, "PodsNotReady", f"{serving}/{desired} pods available")
     phase, message = state.phase, state.message or state.phase
     if state.paused:
         reason = state.pause_reason or "Paused"
         progressing = condition("Progressing", False, "Paused", message)
     elif phase in _MOVING or phase == "Promoting":
         progressing = condition("Progressing", True, phase, message)
+    elif phase in ("RolledBack", "Aborted"):
+        progressing = condition("Progressing", False, phase, message)
     else:
         progressing = condition("Progressing", False, "RolloutComplete", message)
     # The spec names a revision that was rolled back or aborted: it is not running.

@@ -456,14 +456,19 @@ async def _reconcile_strategy(
     _wake_later(ctx, relay.namespace, relay.name, outcome.plan.wake_at)
     found = {c: d for c, d in outcome.deployments.items() if d is not None}
     stable = found.get(state.stable_colour) if state.stable_colour else None
-    stable_rollout = conditions.rollout(stable) if stable else None
     states = {c: strategies.colour_state(d) for c, d in found.items()}
+    # The pods the Service sends mail to: the active colour, or both during a canary.
+    behind = [c for c in found if outcome.plan.service_colour in (None, c)]
+    serving = sum(states[c].available for c in behind)
     status: dict[str, Any] = {
         "observedGeneration": obj["metadata"].get("generation", 0),
-        "conditions": conditions.strategy_conditions(stable_rollout, state, outcome.revision),
+        "conditions": conditions.strategy_conditions(
+            serving, relay.spec.replicas, state, outcome.revision
+        ),
         "replicas": sum(int((d.get("status") or {}).get("replicas", 0)) for d in found.values()),
+        # Ready pods behind the Service; an idle colour kept for fast rollback is not.
         "readyReplicas": sum(
-            int((d.get("status") or {}).get("readyReplicas", 0)) for d in found.values()
+            int((found[c].get("status") or {}).get("readyReplicas", 0)) for c in behind
         ),
         "updatedReplicas": sum(
             s.available for s in states.values() if s.revision == outcome.revision

@@ -620,7 +620,8 @@ class Analysis(Schema):
     prometheus: Prometheus = Field(description="The Prometheus that holds the relay metrics.")
     interval: Duration = Field(
         "1m",
-        description="Blue-green: time between analyses in the observe window. Canary: "
+        description="Blue-green: time between analyses in the observe window, and the "
+        "range each rate is taken over, so keep it at least four scrape intervals. Canary: "
         "spec.strategy.canary.interval is used instead.",
     )
     success_rate: SuccessRate = section(SuccessRate, "Delivery success-rate check.")
@@ -668,7 +669,8 @@ class Strategy(Schema):
 
     Controls that name a revision act only while that revision is the candidate, so a
     control left behind in Git never touches the next rollout. Each may also be given as
-    an annotation (relay.smtp-relay.dev/promote, /abort, /rollback, /resume, /paused).
+    an annotation (rollout.relay.smtp-relay.dev/promote, /abort, /rollback, /resume, /paused,
+    /retry).
     """
 
     type: Literal["BlueGreen", "Canary"] = Field(description="BlueGreen or Canary.")
@@ -711,7 +713,8 @@ class Strategy(Schema):
         None,
         max_length=64,
         description="Any new value resumes a rollout that paused itself (inconclusive "
-        "analysis, refused promotion); e.g. the current time.",
+        "analysis); e.g. the current time. A refused promotion is not a pause: the "
+        "webhook is asked again every 15 s.",
     )
     retry_revision: str | None = Field(
         None,
@@ -722,6 +725,23 @@ class Strategy(Schema):
         None,
         description="Asked before traffic is moved for good (blue-green: before the switch; "
         "canary: before promotion at maxWeight); unset: promote without asking.",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "self.type == 'BlueGreen' || !has(self.blueGreen)",
+                "spec.strategy.blueGreen is only read with type BlueGreen",
+                fieldPath=".blueGreen",
+                reason="FieldValueInvalid",
+            ),
+            cel(
+                "self.type == 'Canary' || !has(self.canary)",
+                "spec.strategy.canary is only read with type Canary",
+                fieldPath=".canary",
+                reason="FieldValueInvalid",
+            ),
+        )
     )
 
 
@@ -856,6 +876,11 @@ class RolloutStatus(Schema):
     next_analysis_at: str | None = Field(
         None, json_schema_extra={"format": "date-time"}, description="When checks run next."
     )
+    next_confirmation_at: str | None = Field(
+        None,
+        json_schema_extra={"format": "date-time"},
+        description="When the confirm-promotion webhook is asked again after a refusal.",
+    )
     scale_down_colour: Literal["blue", "green"] | None = Field(
         None, description="The old colour kept for a fast rollback."
     )
@@ -880,6 +905,12 @@ class RolloutStatus(Schema):
     )
     handled_resume: str | None = Field(
         None, max_length=64, description="Last resume value acted on."
+    )
+    handled_retry: str | None = Field(
+        None,
+        max_length=64,
+        description="Revision a retry control was last acted on for. A retry is used once: "
+        "remove the control and set it again to retry the same revision again.",
     )
     history: list[RevisionRecord] = Field(
         default_factory=list, max_length=10, description="The last revisions, newest last."

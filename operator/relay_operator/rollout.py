@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import datetime
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from relay_operator.models import (
+    DURATION_PATTERN,
     BlueGreen,
     Canary,
+    CheckResult,
     RevisionRecord,
     RolloutStatus,
     Strategy,
@@ -53,11 +56,16 @@ def other(colour: Colour) -> Colour:
     return "green" if colour == "blue" else "blue"
 
 
+_DURATION = re.compile(DURATION_PATTERN)
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
 def duration_s(value: str) -> float:
     """The spec's duration spelling (`500ms`, `30s`, `5m`, `2h`, `1d`) in seconds."""
-    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-    number = value.rstrip("smhd")
-    return float(number) * units[value[len(number) :]]
+    match = _DURATION.match(value)
+    if match is None:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 500ms, 30s, 5m, 2h, 1d)")
+    return float(value[: match.start(1)]) * _UNIT_SECONDS[match[1]]
 
 
 def _time(value: str | None) -> datetime.datetime | None:
@@ -291,9 +299,15 @@ class _Planner:
                 # The spec went back to the stable revision after a rollback: settled.
                 self.move("Stable", f"revision {target.revision} is stable")
             return
-        retried = target.revision in controls.retry
-        if target.revision == state.rejected_revision and not retried:
-            return
+        # A retry is used once: a control left in Git must not retry a revision that failed
+        # again, over and over. Taking the control away re-arms it.
+        if state.handled_retry is not None and state.handled_retry not in controls.retry:
+            self.set(handled_retry=None)
+        retried = target.revision in controls.retry and self.state.handled_retry != target.revision
+        if target.revision == state.rejected_revision:
+            if not retried:
+                return
+            self.set(handled_retry=target.revision)
         self.start(target.revision, target.image, rollback=False)
 
     def start(self, revision: str, image: str, *, rollback: bool) -> None:
@@ -311,6 +325,7 @@ class _Planner:
             paused=False,
             pause_reason=None,
             next_analysis_at=None,
+            next_confirmation_at=None,
             rejected_revision=None if rollback else self.state.rejected_revision,
             set_weight=0 if not self.is_canary or rollback else self.canary.step_weight,
         )
@@ -466,14 +481,25 @@ class _Planner:
             self.switch()
 
     def awaiting_confirmation(self) -> None:
+        # Every Deployment event reconciles the relay; the webhook is asked on its own
+        # clock, not once per event.
+        due = _time(self.state.next_confirmation_at)
+        if due is not None and self.now < due:
+            self.wakes.append(due)
+            return
         if self.seen.confirmation is None:
             self.need = "confirmation"
             return
         ok, message = self.seen.confirmation
         if not ok:
-            self.set(message=f"promotion not confirmed: {message}; asking again")
+            again = self.now + datetime.timedelta(seconds=WEBHOOK_RETRY_S)
+            self.set(
+                message=f"promotion not confirmed: {message}; asking again",
+                next_confirmation_at=_stamp(again),
+            )
             self.wake(WEBHOOK_RETRY_S)
             return
+        self.set(next_confirmation_at=None)
         self.say("PromotionConfirmed", message)
         if self.is_canary:
             self.begin_promotion()
@@ -597,7 +623,7 @@ class _Planner:
         next_at = _stamp(self.now + datetime.timedelta(seconds=self.interval_s()))
         self.set(
             analyses=state.analyses + 1,
-            last_checks=[o.as_status() for o in outcomes][:16],
+            last_checks=[CheckResult.model_validate(o.as_status()) for o in outcomes][:16],
             next_analysis_at=next_at,
         )
         self.wake(self.interval_s())
@@ -619,7 +645,7 @@ class _Planner:
         if verdict == "Inconclusive":
             count = state.inconclusive_checks + 1
             self.set(inconclusive_checks=count)
-            unclear = "; ".join(o.message for o in outcomes if o.outcome != "Pass")
+            unclear = "; ".join(f"{o.name}: {o.message}" for o in outcomes if o.outcome != "Pass")
             assert self.strategy.analysis is not None
             if count >= self.strategy.analysis.inconclusive_limit:
                 self.set(paused=True, pause_reason="InconclusiveAnalysis")
@@ -679,6 +705,7 @@ class _Planner:
             candidate_image=None,
             set_weight=0,
             next_analysis_at=None,
+            next_confirmation_at=None,
             scale_down_colour=old_colour,
             scale_down_at=_stamp(self.now + datetime.timedelta(seconds=delay)),
             rejected_revision=old_revision if state.rollback else None,
@@ -720,6 +747,7 @@ class _Planner:
             candidate_image=None,
             set_weight=0,
             next_analysis_at=None,
+            next_confirmation_at=None,
             paused=False,
             pause_reason=None,
             rollback=False,
@@ -778,6 +806,12 @@ class _Planner:
             workloads[idle] = Workload(None, n if keep else 0)
             if keep and due is not None:
                 self.wakes.append(due)
+            elif state.scale_down_colour is not None:
+                # After a rollback the RolledBack Event already said so.
+                if self.seen.colours[idle].replicas > 0 and state.phase == "Stable":
+                    revision = self.seen.colours[idle].revision
+                    self.say("ScaledDown", f"{idle} (revision {revision}) scaled to zero")
+                self.set(scale_down_colour=None, scale_down_at=None)
             self.set(actual_weight=0)
         service: Colour | None = None
         if not self.is_canary:

@@ -31,13 +31,13 @@ from relay_operator.settings import OperatorSettings
 
 logger = logging.getLogger("relay_operator.rollout")
 
+# Not under GROUP/: kopf keeps its own state in annotations there (settings.py), and
+# leaves every annotation with that prefix out of the diff that wakes a handler, so a
+# `kubectl annotate` there would wait for the next resync.
+CONTROL_PREFIX = f"rollout.{GROUP}"
 ANNOTATIONS = {
-    "paused": f"{GROUP}/paused",
-    "promote": f"{GROUP}/promote",
-    "abort": f"{GROUP}/abort",
-    "rollback": f"{GROUP}/rollback",
-    "resume": f"{GROUP}/resume",
-    "retry": f"{GROUP}/retry",
+    key: f"{CONTROL_PREFIX}/{key}"
+    for key in ("paused", "promote", "abort", "rollback", "resume", "retry")
 }
 # ControllerRevisions (and their ConfigMaps) kept beyond those the status still names.
 KEEP_REVISIONS = 10

@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 
 from relay_operator import __version__, models
-from relay_operator.analysis import duration_seconds
 from relay_operator.peers import reason, short
+from relay_operator.rollout import duration_s
 
 
 def _refusal(response: httpx.Response) -> str:
@@ -46,7 +46,7 @@ async def confirm(webhook: models.Webhook, payload: Mapping[str, Any]) -> tuple[
     """POST `payload` as JSON; (True, why) on a 2xx answer, else (False, why). Never raises."""
     try:
         body = json.dumps(dict(payload), separators=(",", ":")).encode("utf-8")
-        seconds = duration_seconds(webhook.timeout)
+        seconds = duration_s(webhook.timeout)
     except (TypeError, ValueError) as exc:
         return False, f"cannot build the request: {short(str(exc))}"
     try:

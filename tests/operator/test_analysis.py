@@ -4,6 +4,7 @@ answers from a Prometheus query endpoint are judged."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import shutil
 import subprocess
@@ -268,3 +269,18 @@ def test_status_form_has_no_value_when_there_is_none() -> None:
         "message": "no data",
     }
     models.CheckResult.model_validate(outcome.as_status())
+
+
+def test_credentials_in_the_address_never_reach_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    from relay_operator.cli import quiet_libraries
+
+    quiet_libraries()
+    caplog.set_level(logging.DEBUG)
+    with ScriptedPrometheus() as prometheus:
+        address = prometheus.address.replace("http://", "http://reader:PROM-SECRET-88@")
+        settings = models.Prometheus.model_validate({"address": address})
+        checks = list(all_checks().values())[:1]
+        outcomes = asyncio.run(analysis.run(settings, checks))
+    assert outcomes[0].outcome == "Pass"  # the request was made
+    assert caplog.records, "nothing was logged at all: the test would prove nothing"
+    assert "SECRET" not in caplog.text

@@ -147,6 +147,17 @@ def test_crds_are_documented_for_kubectl_explain(installed: Cluster) -> None:
             "spec.strategy.canary",
             "stepWeight must not exceed maxWeight",
         ),
+        (
+            {
+                "kind": "SmtpRelay",
+                "spec": {
+                    "providers": ["p"],
+                    "strategy": {"type": "BlueGreen", "canary": {"stepWeight": 20}},
+                },
+            },
+            "spec.strategy.canary",
+            "only read with type Canary",
+        ),
     ],
     ids=[
         "six-field-cron",
@@ -159,6 +170,7 @@ def test_crds_are_documented_for_kubectl_explain(installed: Cluster) -> None:
         "unknown-provider-type",
         "strategy-with-sqlite",
         "canary-step-above-max",
+        "canary-settings-on-blue-green",
     ],
 )
 def test_invalid_resources_are_refused_naming_the_field(

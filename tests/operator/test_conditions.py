@@ -124,3 +124,25 @@ def test_provider_verdicts_name_the_secret_and_keys_never_values() -> None:
     complete = {"data": {"client_id": "eA==", "client_secret": "eA==", "refresh_token": "eA=="}}
     assert providers.validate(spec, complete).ready
     assert providers.validate(_provider({"type": "outbox"}), None).reason == "NoCredentialsNeeded"
+
+
+def test_strategy_ready_counts_every_pod_behind_the_service() -> None:
+    from relay_operator.models import RolloutStatus
+
+    step = RolloutStatus.model_validate(
+        {
+            "phase": "CanaryStep",
+            "stableRevision": "r1",
+            "stableColour": "blue",
+            "candidateRevision": "r2",
+            "candidateColour": "green",
+            "setWeight": 25,
+        }
+    )
+    # 3 stable + 1 canary pods serve: a canary step takes no capacity away.
+    found = {c["type"]: c for c in conditions.strategy_conditions(4, 4, step, "r2")}
+    assert (found["Ready"]["status"], found["Ready"]["reason"]) == ("True", "PodsAvailable")
+    assert found["Progressing"]["status"] == "True"
+    assert found["Promoted"]["status"] == "False"
+    short = {c["type"]: c for c in conditions.strategy_conditions(3, 4, step, "r2")}
+    assert short["Ready"]["status"] == "False" and short["Ready"]["message"] == "3/4 pods available"

@@ -89,6 +89,8 @@ class World:
             }[result.need]
             result = rollout.plan(self.strategy, self.state, self.observed(**answers))
         self.state = result.state
+        # As the operator writes it (a serializer warning is an error under pytest here).
+        rollout.parse_state(rollout.dump_state(result.state))
         for colour, work in result.workloads.items():
             c = self.colours[colour[0]]
             if work.revision is not None and work.revision != c["revision"]:
@@ -187,7 +189,8 @@ def test_blue_green_promotes_after_smoke_test_and_observe_window() -> None:
     world.run_for(10 * 60)
     assert world.pods() == (0, 4)
     assert world.last.service_colour == "green"
-    assert world.reasons()[-3:] == ["AnalysisPassed", "AnalysisPassed", "Promoted"]
+    assert world.reasons()[-3:] == ["AnalysisPassed", "Promoted", "ScaledDown"]
+    assert world.state.scale_down_at is None
     assert [r.outcome for r in world.state.history] == ["Promoted", "Promoted"]
 
 
@@ -264,7 +267,7 @@ def test_confirmation_webhook_holds_the_switch_until_it_says_yes() -> None:
     world.run_for(60)
     assert world.phase == "AwaitingConfirmation"
     world.confirmation = (True, "confirmed (HTTP 200)")
-    world.step()
+    world.run_for(15)  # asked again on its own clock
     assert world.phase == "Observing" and world.last.service_colour == "green"
 
 
@@ -288,6 +291,45 @@ def test_manual_abort_pause_and_promote() -> None:
     # A stale control naming an older revision does nothing to the next rollout.
     roll(world, V1)
     assert world.phase == "Observing"
+
+
+def test_a_retry_left_in_place_retries_once() -> None:
+    world = settled(World(blue_green()))
+    roll(world, V2)
+    world.analysis = bad()
+    world.run_for(60)
+    assert world.phase == "RolledBack" and world.state is not None
+    # The retry control rolls the rejected revision out again, once.
+    world.controls = Controls(retry=frozenset({"rev2"}))
+    world.step()
+    assert world.phase == "Deploying"
+    world.run_for(120)
+    assert world.phase == "RolledBack"
+    world.run_for(10 * 60)
+    assert world.phase == "RolledBack" and world.pods() == (4, 0)
+    assert world.reasons().count("RolloutStarted") == 3  # first, rev2, the one retry
+    # Taken away and given again: one more try.
+    world.controls = Controls()
+    world.step()
+    world.controls = Controls(retry=frozenset({"rev2"}))
+    world.step()
+    assert world.phase == "Deploying"
+
+
+def test_abort_during_a_retry_does_not_start_it_again() -> None:
+    # Both controls left in place: retry once, abort, and stay aborted (no switch loop).
+    world = settled(World(blue_green()))
+    roll(world, V2)
+    world.analysis = bad()
+    world.run_for(60)
+    world.analysis = good()
+    world.controls = Controls(retry=frozenset({"rev2"}))
+    roll(world, V2)
+    assert world.phase == "Observing"
+    world.controls = Controls(retry=frozenset({"rev2"}), abort=frozenset({"rev2"}))
+    world.run_for(5 * 60)
+    assert world.phase == "Aborted" and world.pods() == (4, 0)
+    assert world.reasons().count("Switched") == 2
 
 
 def test_manual_rollback_within_the_delay_is_a_switch() -> None:
@@ -391,3 +433,18 @@ def test_canary_keeps_one_stable_pod_until_promotion(replicas: int) -> None:
     world = settled(World(canary(), replicas=replicas))
     roll(world, V2)
     assert world.pods() == (1, 1)
+
+
+def test_a_refusing_webhook_is_asked_on_its_own_clock_not_per_event() -> None:
+    hook = {"url": "http://127.0.0.1:9/confirm"}
+    world = settled(World(blue_green(confirmPromotionWebhook=hook)))
+    world.confirmation = (False, "answered HTTP 409")
+    roll(world, V2)
+    assert world.phase == "AwaitingConfirmation"
+    # Reconciles every second (Deployment events) for a minute: about one ask per 15 s.
+    world.run_for(60, every=1)
+    assert 4 <= world.asked.count("confirmation") <= 6, world.asked
+    world.confirmation = (True, "confirmed (HTTP 200)")
+    world.run_for(16, every=1)
+    assert world.phase == "Observing"
+    assert world.state is not None and world.state.next_confirmation_at is None

@@ -193,7 +193,7 @@ class Relay:
             "-n",
             self.namespace,
             f"smtprelay/{self.name}",
-            f"relay.smtp-relay.dev/{key}={value}",
+            f"rollout.relay.smtp-relay.dev/{key}={value}",
             "--overwrite",
         )
 
