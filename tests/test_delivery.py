@@ -12,6 +12,7 @@ from typing import Any
 from relay.clock import utcnow
 from relay.ids import new_queue_id
 from relay.queue import NewMessage
+from relay.queue.sql import PRELOAD_MAX_BYTES
 from relay.service import RelayService
 from tests.conftest import StartRelay
 from tests.servers import SmtpSink, free_port
@@ -70,6 +71,25 @@ async def test_mail_reaches_the_smarthost_and_the_outcome_is_recorded(
     assert dumped.rcpt_tos == ["p1@example.net", "p2@example.net"]
     stored = await service.store.load_content(queue_id)
     assert dumped.content == stored.replace(b"\r\n", b"\n")
+
+
+async def test_a_message_too_large_to_come_with_its_claim_is_delivered_whole(
+    start_relay: StartRelay, smtp_sink: SmtpSink
+) -> None:
+    service = await start_relay(
+        providers={"smarthost": smarthost(smtp_sink.port)},
+        delivery={"providers": ["smarthost"]},
+    )
+    line = b"A line of a long report, well under 998 octets as RFC 5322 wants.\r\n"
+    body = b"From: clinic@example.org\r\nSubject: Report\r\n\r\n" + line * 5000
+    assert len(body) > PRELOAD_MAX_BYTES
+    queue_id = await submit(service.smtp_port, "clinic@example.org", ["p1@example.net"], body)
+
+    await wait_for_status(service, queue_id, {"sent"})
+    [dumped] = smtp_sink.messages()
+    stored = await service.store.load_content(queue_id)
+    assert dumped.content == stored.replace(b"\r\n", b"\n")
+    assert stored.endswith(line * 5000)
 
 
 async def test_transient_refusal_is_retried_with_backoff(
@@ -274,6 +294,8 @@ async def test_smarthost_starttls_and_auth_against_a_tls_peer(
     )
     found = await wait_for_status(relay_a, queue_id, {"sent"})
     b_id = found["recipients"][0]["provider_message_id"]
+    # A's "sent" is B's 250 (queued); B's own workers write the outbox file after that.
+    await wait_for_status(smarthost_b, b_id, {"sent"})
     delivered = (tmp_path / "b-outbox" / f"{b_id}.eml").read_bytes()
     assert b"with ESMTPSA id" in delivered, "B saw TLS and AUTH"
     assert f"id {queue_id}".encode() in delivered, "A's trace header travelled with it"

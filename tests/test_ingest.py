@@ -368,3 +368,73 @@ async def test_draining_relay_answers_421_but_finishes_open_transactions(
     assert "421 4.3.2" in replies.split("queued as")[1]
     await drain
     assert (await service.store.stats(now=utcnow())).counts == {"queued": 1}
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_sessions_copied_from_the_prototype_match_aiosmtpd_built_ones(
+    start_relay: StartRelay,
+) -> None:
+    """RelaySMTP.fresh skips aiosmtpd's per-connection introspection; the result must be
+    the session aiosmtpd's own __init__ would have built (checked against every attribute,
+    so an aiosmtpd upgrade that adds state shows up here)."""
+    import types
+
+    service = await start_relay()
+    server = service.ingest
+    built, prototype = server._new_session(), server._new_session()
+    copied = prototype.fresh()
+    assert vars(copied).keys() == vars(built).keys()
+
+    def same(mine: Any, theirs: Any, path: str) -> None:
+        if isinstance(theirs, types.MethodType):
+            assert isinstance(mine, types.MethodType), path
+            assert mine.__func__ is theirs.__func__, path
+            # Bound to the session itself (or to the shared handler, like aiosmtpd's).
+            if theirs.__self__ is built:
+                assert mine.__self__ is copied, path
+            else:
+                assert mine.__self__ is theirs.__self__, path
+        elif isinstance(theirs, dict):
+            assert mine.keys() == theirs.keys(), path
+            for key in theirs:
+                same(mine[key], theirs[key], f"{path}[{key}]")
+        elif isinstance(theirs, tuple) and hasattr(theirs, "_fields"):
+            for n, item in enumerate(theirs):
+                same(mine[n], item, f"{path}.{n}")
+        elif isinstance(theirs, asyncio.StreamReader | asyncio.Future):
+            # Per connection: a new one each, never the prototype's.
+            assert type(mine) is type(theirs), path
+            assert mine is not getattr(prototype, path.split("[")[0], None), path
+        elif path in ("_stream_reader_wr", "_source_traceback"):
+            pass  # a weak reference to, or the traceback of, the stream above
+        else:
+            assert mine == theirs, path
+
+    for name, value in vars(built).items():
+        same(getattr(copied, name), value, name)
+    assert copied._stream_reader_wr() is copied._stream_reader  # type: ignore[attr-defined]
+
+
+def test_bare_line_end_check_agrees_with_the_definition() -> None:
+    """The counting check in RelaySMTP finds a bare CR or LF exactly where one is, also when
+    a CRLF is split between two chunks."""
+    import itertools
+
+    from relay.ingest.protocol import RelaySMTP
+
+    def verdict(chunks: tuple[bytes, ...]) -> bool:
+        session = object.__new__(RelaySMTP)
+        session._pending_cr = False
+        # A CR left pending at the very end is not yet bare: its LF may follow.
+        return any(session._bare_line_end(chunk) for chunk in chunks)
+
+    alphabet = (b"a", b"\r", b"\n")
+    for length in range(1, 7):
+        for letters in itertools.product(alphabet, repeat=length):
+            stream = b"".join(letters)
+            expected = re.search(rb"(?<!\r)\n|\r(?!\n)", stream.rstrip(b"\r")) is not None
+            if stream.endswith(b"\r") and stream.rstrip(b"\r") != stream[:-1]:
+                expected = True  # "\r\r" at the end: the first CR is bare
+            for cut in range(len(stream) + 1):
+                chunks = tuple(c for c in (stream[:cut], stream[cut:]) if c)
+                assert verdict(chunks) == expected, (stream, cut)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pymysql
 import pytest
+from pymysql.constants import CLIENT
 
 from relay.clock import utcnow
 from relay.ids import new_queue_id
@@ -18,8 +21,11 @@ from relay.queue import (
     NewMessage,
     RecipientUpdate,
     SqlStore,
+    StoreUnavailable,
     create_store,
+    mysql,
 )
+from relay.queue.sql import PRELOAD_MAX_BYTES
 from tests.conftest import relay_settings
 
 LEASE = timedelta(minutes=5)
@@ -71,6 +77,44 @@ async def test_claim_leases_due_messages_once(store: SqlStore) -> None:
     assert claimed == {m.id for m in messages}
     stats = await store.stats(now=now)
     assert stats.counts == {"processing": 5}
+
+
+async def test_a_claim_brings_small_contents_and_leaves_large_ones_for_later(
+    store: SqlStore,
+) -> None:
+    small = new_message(content=b"Subject: x\r\n\r\n" + b"s" * 1000 + b"\r\n")
+    large = new_message(content=b"Subject: y\r\n\r\n" + b"L" * PRELOAD_MAX_BYTES + b"\r\n")
+    await store.enqueue(small)
+    await store.enqueue(large)
+
+    batch = await store.claim(worker_id="w", limit=10, lease=LEASE, now=utcnow())
+    claimed = {m.id: m for m in batch}
+
+    assert claimed[small.id].content == small.content
+    # Read at delivery instead: a batch of large messages never sits in memory at once.
+    assert claimed[large.id].content is None
+    assert await store.load_content(large.id) == large.content
+    assert "LLLL" not in repr(claimed[large.id]) and "ssss" not in repr(claimed[small.id])
+
+
+async def test_recipients_beyond_one_statements_parameters_are_all_stored(
+    store: SqlStore,
+) -> None:
+    # 7,000 rows of 5 parameters: more than SQLite takes in one statement with its default
+    # limit of 32,766 (Debian builds it with 250,000: the test sets the default back).
+    if store.backend == "sqlite":
+        aio = store._conn  # type: ignore[attr-defined]
+        limit = sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER
+        await aio._execute(aio._conn.setlimit, limit, 32766)
+    recipients = [f"p{n}@example.net" for n in range(7000)]
+    message = new_message(*recipients)
+    await store.enqueue(message)
+
+    found = await store.message_status(message.id)
+    assert found is not None
+    assert [r["email_address"] for r in found["recipients"]] == recipients
+    [claimed] = await store.claim(worker_id="w", limit=1, lease=LEASE, now=utcnow())
+    assert [r.address for r in claimed.recipients] == recipients
 
 
 async def test_messages_not_yet_due_are_not_claimed(store: SqlStore) -> None:
@@ -248,3 +292,94 @@ async def test_runbook_indexes_exist(store: SqlStore, queue_settings: dict[str, 
     assert ("messages", "idx_status_queued") in indexes
     assert ("recipients", "idx_email_workspace") in indexes
     assert ("message_recipients", "idx_sent_status") in indexes
+
+
+async def one_connection_store(queue: dict[str, Any], tmp_path: Path) -> SqlStore:
+    """A store on a single connection: whatever one call leaves on it, the next one meets."""
+    migrating = create_store(relay_settings(tmp_path, queue))
+    await migrating.open()
+    # On its own connections: the migration lock holds one while the migrations use another.
+    await migrating.migrate()
+    await migrating.close()
+    if queue["backend"] == "mysql":
+        queue = {**queue, "mysql": {**queue["mysql"], "min_connections": 1, "max_connections": 1}}
+    opened = create_store(relay_settings(tmp_path, queue))
+    await opened.open()
+    return opened
+
+
+async def test_a_failing_statement_in_a_batch_leaves_nothing_written(
+    queue_settings: dict[str, Any], tmp_path: Path
+) -> None:
+    """write_all sends its statements and the COMMIT as one query on MySQL; when the second
+    fails (a duplicate key), the first one's row is rolled back, and the next commit on the
+    same connection does not carry it along."""
+    store = await one_connection_store(queue_settings, tmp_path)
+    insert = "INSERT INTO quota_usage (workspace_id, subject, day, used) VALUES (?, ?, ?, ?)"
+    try:
+        await store.write_all([(insert, ("w", "taken", "2026-12-04", 1))])
+        with pytest.raises((StoreUnavailable, sqlite3.IntegrityError)):
+            await store.write_all(
+                [
+                    (insert, ("w", "first", "2026-12-04", 1)),
+                    (insert, ("w", "taken", "2026-12-04", 2)),
+                ]
+            )
+        await store.write_all([(insert, ("w", "later", "2026-12-04", 3))])
+        assert await store.quota_used("w", "2026-12-04") == {"taken": 1, "later": 3}
+    finally:
+        await store.close()
+    # And seen from a connection of its own: nothing of the failed batch was committed.
+    other = await one_connection_store(queue_settings, tmp_path)
+    try:
+        assert await other.quota_used("w", "2026-12-04") == {"taken": 1, "later": 3}
+    finally:
+        await other.close()
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+async def test_one_trip_queries_end_their_transaction(
+    queue_settings: dict[str, Any], tmp_path: Path
+) -> None:
+    """read and write_all end their transaction within the same query. A read left open
+    would hold its tables' metadata locks on a pooled connection (MariaDB does not even
+    flag a read-only transaction as open, so aiomysql's pool would keep it as it is) and
+    block every later ALTER TABLE: a migration would wait for it."""
+    store = await one_connection_store(queue_settings, tmp_path)
+    other = create_store(relay_settings(tmp_path, queue_settings))
+    await other.open()
+    try:
+        pool = store._pool  # type: ignore[attr-defined]
+        connection = next(iter(pool._free))
+        assert connection.client_flag & CLIENT.MULTI_STATEMENTS
+        message = new_message("a@example.net", "b@example.net")
+        await store.enqueue(message)
+        assert await store.load_content(message.id) == message.content
+        assert await store.suppressed_among("default", ["a@example.net"]) == {}
+        # The same connection is still there: nothing was closed to end a transaction.
+        assert pool.freesize == 1 and next(iter(pool._free)) is connection
+        async with other.transaction() as tx:
+            await tx.execute("SET SESSION lock_wait_timeout = 2")
+            for table in ("messages", "message_contents", "recipients", "suppressions"):
+                await tx.execute(f"ALTER TABLE {table} COMMENT = 'not locked'")
+    finally:
+        await other.close()
+        await store.close()
+
+
+def test_server_texts_that_may_quote_data_are_withheld() -> None:
+    """A MySQL error's text can quote a statement's values (an address, the message): only
+    the code of such errors reaches StoreUnavailable, which is logged and may be replied."""
+    body = "Your HIV test result is ready"
+    duplicate = pymysql.err.IntegrityError(1062, f"Duplicate entry '{body}' for key 'PRIMARY'")
+    signalled = pymysql.err.OperationalError(1644, body)
+    lost = pymysql.err.OperationalError(2013, "Lost connection to MySQL server during query")
+    denied = pymysql.err.OperationalError(1045, "Access denied for user 'relay'@'localhost'")
+    assert [str(mysql._unavailable(e)) for e in (duplicate, signalled, lost, denied)] == [
+        "MySQL queue unavailable: IntegrityError 1062 (server text withheld)",
+        "MySQL queue unavailable: OperationalError 1644 (server text withheld)",
+        "MySQL queue unavailable: OperationalError"
+        " (2013, 'Lost connection to MySQL server during query')",
+        "MySQL queue unavailable: OperationalError"
+        " (1045, \"Access denied for user 'relay'@'localhost'\")",
+    ]

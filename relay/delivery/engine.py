@@ -217,7 +217,9 @@ class DeliveryEngine:
 
     async def deliver(self, message: ClaimedMessage) -> AttemptResult:
         started = time.monotonic()
-        content = await self.store.load_content(message.id)
+        content = message.content
+        if content is None:
+            content = await self.store.load_content(message.id)
         # With a VERP domain configured, bounces come back to an address naming this message.
         return_path = (
             self.bounces.return_path(message_id=message.id, original=message.from_email)

@@ -58,6 +58,8 @@ class IngestServer:
         if settings.tls.cert_file and settings.tls.key_file:
             self.tls = ReloadingTlsContext(settings.tls.cert_file, settings.tls.key_file)
         self._servers: list[asyncio.Server] = []
+        # Sessions are copies of this one (RelaySMTP.fresh): made once, on first connection.
+        self._prototype: RelaySMTP | None = None
 
     @property
     def port(self) -> int:
@@ -70,6 +72,11 @@ class IngestServer:
     def _protocol(self) -> RelaySMTP:
         if self.tls is not None:
             self.tls.refresh()
+        if self._prototype is None:
+            self._prototype = self._new_session()
+        return self._prototype.fresh()
+
+    def _new_session(self) -> RelaySMTP:
         return RelaySMTP(
             self.handler,
             gate=self.gate,

@@ -69,6 +69,8 @@ class ClaimedMessage:
     size_bytes: int
     mail_options: tuple[str, ...]
     recipients: tuple[PendingRecipient, ...]
+    # The raw message when it came with the claim (small ones do); None: load_content.
+    content: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,12 @@ from typing import Any
 
 import aiomysql
 import pymysql
+from pymysql.constants import CLIENT, ER
 
 from relay.config import MysqlSettings
 from relay.queue import schema
 from relay.queue.model import MessageStatus
-from relay.queue.sql import Row, SqlStore, Tx
+from relay.queue.sql import Row, SqlStore, Statement, Tx
 from relay.queue.store import StoreUnavailable
 
 _MIGRATION_LOCK = "smtp_relay_migrate"
@@ -31,9 +32,40 @@ def _dialect(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
+# Server errors whose text describes the server or the connection, never a statement's
+# values. Other server texts can quote what a statement carried ("Duplicate entry '...'",
+# "Incorrect string value: '...'", a SIGNAL's text, a syntax error "near '...'"), which in
+# an enqueue is an address, a subject or the message itself: those keep only their code.
+_SERVER_TEXT_SHOWN = frozenset(
+    (
+        ER.CON_COUNT_ERROR,
+        ER.DBACCESS_DENIED_ERROR,
+        ER.ACCESS_DENIED_ERROR,  # names the user and whether a password was sent, not it
+        ER.BAD_DB_ERROR,
+        ER.SERVER_SHUTDOWN,
+        ER.NO_SUCH_TABLE,
+        ER.BAD_FIELD_ERROR,
+        ER.NET_PACKET_TOO_LARGE,
+        ER.TOO_MANY_USER_CONNECTIONS,
+        ER.LOCK_WAIT_TIMEOUT,
+        ER.LOCK_DEADLOCK,
+        ER.READ_ONLY_TRANSACTION,
+        ER.OPTION_PREVENTS_STATEMENT,
+        ER.QUERY_INTERRUPTED,
+    )
+)
+# Codes from 2000 are the client library's own (CR_*: cannot connect, connection lost).
+_CLIENT_ERRORS_FROM = 2000
+
+
 def _unavailable(exc: BaseException) -> StoreUnavailable:
-    # pymysql errors carry (code, text); neither holds credentials or message data.
-    return StoreUnavailable(f"MySQL queue unavailable: {exc.__class__.__name__} {exc.args[:2]}")
+    """The error as a StoreUnavailable whose text is safe to log and to show in replies."""
+    code = exc.args[0] if isinstance(exc, pymysql.Error) and len(exc.args) > 1 else None
+    if isinstance(code, int) and _CLIENT_ERRORS_FROM > code > 0 and code not in _SERVER_TEXT_SHOWN:
+        shown = f"{code} (server text withheld)"
+    else:
+        shown = str(exc.args[:2])
+    return StoreUnavailable(f"MySQL queue unavailable: {exc.__class__.__name__} {shown}")
 
 
 class _MysqlTx(Tx):
@@ -86,6 +118,9 @@ class MysqlStore(SqlStore):
                 pool_recycle=int(s.conn_lifetime.total_seconds()),
                 connect_timeout=s.connect_timeout.total_seconds(),
                 autocommit=False,
+                # write_all and read send several statements in one query. aiomysql 0.3
+                # asks for this by default; said here so that no upgrade silently drops it.
+                client_flag=CLIENT.MULTI_STATEMENTS,
                 charset="utf8mb4",
                 init_command=(
                     "SET SESSION time_zone = '+00:00', SESSION tx_isolation = 'READ-COMMITTED'"
@@ -131,12 +166,9 @@ class MysqlStore(SqlStore):
         except (pymysql.Error, OSError) as exc:
             raise _unavailable(exc) from exc
         try:
-            try:
-                await conn.begin()
-                cursor = await conn.cursor()
-            except (pymysql.Error, OSError) as exc:
-                conn.close()
-                raise _unavailable(exc) from exc
+            # No BEGIN: with autocommit off the first statement opens the transaction, and
+            # a BEGIN would cost a round trip of its own.
+            cursor = await conn.cursor()
             try:
                 yield _MysqlTx(cursor)
                 await conn.commit()
@@ -149,6 +181,47 @@ class MysqlStore(SqlStore):
                 await cursor.close()
         finally:
             self._pool.release(conn)
+
+    async def write_all(self, statements: Sequence[Statement]) -> None:
+        # The statements and the COMMIT go to the server as one multi-statement query
+        # (CLIENT.MULTI_STATEMENTS, see open): one round trip. The server stops at the
+        # first statement that fails, so the COMMIT is never reached, and _one_trip rolls
+        # back what the statements before it wrote.
+        sql = ";\n".join([*(_dialect(text) for text, _ in statements), "COMMIT"])
+        params = tuple(value for _, values in statements for value in values)
+        await self._one_trip(sql, params)
+
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        # The query and the COMMIT that ends its implicit transaction, in one round trip.
+        return await self._one_trip(_dialect(sql) + ";\nCOMMIT", tuple(params))
+
+    async def _one_trip(self, sql: str, params: tuple[Any, ...]) -> list[Row]:
+        """Send a multi-statement query; the first result's rows. Rolled back on failure."""
+        if self._pool is None:
+            raise StoreUnavailable("MySQL queue is not open")
+        try:
+            conn = await self._pool.acquire()
+        except (pymysql.Error, OSError) as exc:
+            raise _unavailable(exc) from exc
+        try:
+            cursor = await conn.cursor()
+            try:
+                await cursor.execute(sql, params)
+                rows = [tuple(row) for row in await cursor.fetchall() or ()]
+                # Every result must be read (the failure of a later statement surfaces
+                # here) before the connection can take another query.
+                while await cursor.nextset():
+                    pass
+            except BaseException as exc:
+                await _rollback_quietly(conn)
+                if isinstance(exc, pymysql.Error | OSError):
+                    raise _unavailable(exc) from exc
+                raise
+            finally:
+                await cursor.close()
+        finally:
+            self._pool.release(conn)
+        return rows
 
     @asynccontextmanager
     async def migration_lock(self) -> AsyncIterator[None]:

@@ -43,6 +43,15 @@ from relay.queue.model import (
 )
 
 Row = tuple[Any, ...]
+# One statement and its parameters.
+Statement = tuple[str, Sequence[Any]]
+# Contents up to this size come with the claim (one query per batch instead of one per
+# message); bigger ones are read when their turn comes, so a claimed batch of large
+# messages never sits in memory at once.
+PRELOAD_MAX_BYTES = 256 * 1024
+# Recipient rows per multi-row INSERT: 5 parameters each, and SQLite allows 32,766 bound
+# parameters in one statement, while smtp.max_recipients has no upper bound.
+_RECIPIENTS_PER_INSERT = 1000
 
 
 class Tx(abc.ABC):
@@ -105,6 +114,20 @@ class SqlStore(abc.ABC):
     def migration_lock(self) -> AbstractAsyncContextManager[None]:
         """An async context manager held while migrating, across replicas where possible."""
 
+    async def write_all(self, statements: Sequence[Statement]) -> None:
+        """Run the statements in one transaction and commit; all of them or none.
+
+        Backends with a network round trip per statement send them all at once (MySQL).
+        """
+        async with self.transaction() as tx:
+            for sql, params in statements:
+                await tx.execute(sql, params)
+
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        """The rows of one query, run on its own (MySQL: with its commit, one round trip)."""
+        async with self.transaction() as tx:
+            return await tx.fetchall(sql, params)
+
     _CLAIM_COLUMNS = (
         "id, workspace_id, from_email, retry_count, queued_at, size_bytes, mail_options"
     )
@@ -152,8 +175,8 @@ class SqlStore(abc.ABC):
         status = MessageStatus.QUEUED
         if suppressed and all(address in suppressed for address in message.recipients):
             status = MessageStatus.BOUNCED  # nothing to send: never claimed
-        async with self.transaction() as tx:
-            await tx.execute(
+        statements: list[Statement] = [
+            (
                 "INSERT INTO messages (id, workspace_id, from_email, to_emails, subject,"
                 " status, retry_count, size_bytes, mail_options, client_address, queued_at,"
                 " next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)",
@@ -170,31 +193,46 @@ class SqlStore(abc.ABC):
                     queued_at,
                     queued_at,
                 ),
-            )
-            await tx.execute(
+            ),
+            (
                 "INSERT INTO message_contents (message_id, raw) VALUES (?, ?)",
                 (message.id, message.content),
+            ),
+        ]
+        recipients = list(message.recipients)
+        for first in range(0, len(recipients), _RECIPIENTS_PER_INSERT):
+            chunk = recipients[first : first + _RECIPIENTS_PER_INSERT]
+            statements.append(
+                (
+                    "INSERT INTO message_recipients (message_id, email_address,"
+                    " delivery_status, bounce_reason, updated_at) VALUES "
+                    + ", ".join(["(?, ?, ?, ?, ?)"] * len(chunk)),
+                    [
+                        value
+                        for address in chunk
+                        for value in (
+                            message.id,
+                            address,
+                            (
+                                DeliveryStatus.BOUNCED
+                                if address in suppressed
+                                else DeliveryStatus.QUEUED
+                            ).value,
+                            suppressed.get(address),
+                            queued_at,
+                        )
+                    ],
+                )
             )
-            await tx.executemany(
-                "INSERT INTO message_recipients (message_id, email_address, delivery_status,"
-                " bounce_reason, updated_at) VALUES (?, ?, ?, ?, ?)",
-                [
-                    (
-                        message.id,
-                        address,
-                        (
-                            DeliveryStatus.BOUNCED
-                            if address in suppressed
-                            else DeliveryStatus.QUEUED
-                        ).value,
-                        suppressed.get(address),
-                        queued_at,
-                    )
-                    for address in message.recipients
-                ],
-            )
-            if message.quota is not None:
-                await self._charge(tx, message.quota)
+        if message.quota is None:
+            # The common case: the whole commit in one round trip (docs/benchmarks.md).
+            await self.write_all(statements)
+            return
+        async with self.transaction() as tx:
+            for sql, params in statements:
+                await tx.execute(sql, params)
+            # A quota charge depends on what the updates find: statement by statement.
+            await self._charge(tx, message.quota)
 
     async def _charge(self, tx: Tx, charge: QuotaCharge) -> None:
         # The row update is conditional, so two replicas racing for the last of a quota
@@ -328,6 +366,17 @@ class SqlStore(abc.ABC):
                 " AND delivery_status IN (?, ?) ORDER BY id",
                 (*ids, *(status.value for status in PENDING)),
             )
+            small = [row[0] for row in rows if int(row[5]) <= PRELOAD_MAX_BYTES]
+            contents: dict[str, bytes] = {}
+            if small:
+                contents = {
+                    message_id: bytes(raw)
+                    for message_id, raw in await tx.fetchall(
+                        "SELECT message_id, raw FROM message_contents"
+                        f" WHERE message_id IN ({_placeholders(len(small))})",
+                        small,
+                    )
+                }
         pending: dict[str, list[PendingRecipient]] = {message_id: [] for message_id in ids}
         for row_id, message_id, address in recipient_rows:
             pending[message_id].append(PendingRecipient(int(row_id), address))
@@ -341,15 +390,15 @@ class SqlStore(abc.ABC):
                 size_bytes=int(row[5]),
                 mail_options=tuple(str(row[6]).split()),
                 recipients=tuple(pending[row[0]]),
+                content=contents.get(row[0]),
             )
             for row in rows
         ]
 
     async def load_content(self, message_id: str) -> bytes:
-        async with self.transaction() as tx:
-            rows = await tx.fetchall(
-                "SELECT raw FROM message_contents WHERE message_id = ?", (message_id,)
-            )
+        rows = await self.read(
+            "SELECT raw FROM message_contents WHERE message_id = ?", (message_id,)
+        )
         if not rows:
             raise KeyError(message_id)
         return bytes(rows[0][0])
@@ -884,14 +933,14 @@ class SqlStore(abc.ABC):
         if not addresses:
             return {}
         by_key = {address.lower(): address for address in addresses}
-        async with self.transaction() as tx:
-            rows = await tx.fetchall(
-                "SELECT r.email_address, s.reason FROM recipients r LEFT JOIN suppressions s"
-                " ON s.email_address = r.email_address AND s.workspace_id = r.workspace_id"
-                f" WHERE r.workspace_id = ? AND r.email_address IN ({_placeholders(len(by_key))})"
-                " AND r.status = ?",
-                (workspace_id, *by_key, RecipientStatus.INACTIVE.value),
-            )
+        # Asked at every RCPT: one round trip, not a transaction of its own.
+        rows = await self.read(
+            "SELECT r.email_address, s.reason FROM recipients r LEFT JOIN suppressions s"
+            " ON s.email_address = r.email_address AND s.workspace_id = r.workspace_id"
+            f" WHERE r.workspace_id = ? AND r.email_address IN ({_placeholders(len(by_key))})"
+            " AND r.status = ?",
+            (workspace_id, *by_key, RecipientStatus.INACTIVE.value),
+        )
         found: dict[str, SuppressionReason] = {}
         for address, reason in rows:
             original = by_key.get(str(address).lower())
