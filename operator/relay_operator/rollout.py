@@ -27,7 +27,7 @@ from __future__ import annotations
 import datetime
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -66,6 +66,14 @@ def duration_s(value: str) -> float:
     if match is None:
         raise ValueError(f"not a duration: {value!r} (use e.g. 500ms, 30s, 5m, 2h, 1d)")
     return float(value[: match.start(1)]) * _UNIT_SECONDS[match[1]]
+
+
+def _grouped(outcomes: Iterable[CheckOutcome]) -> str:
+    """`a, b: no data; c: HTTP 503`: checks that failed alike, said once."""
+    by_message: dict[str, list[str]] = {}
+    for outcome in outcomes:
+        by_message.setdefault(outcome.message, []).append(outcome.name)
+    return "; ".join(f"{', '.join(names)}: {message}" for message, names in by_message.items())
 
 
 def _time(value: str | None) -> datetime.datetime | None:
@@ -645,7 +653,7 @@ class _Planner:
         if verdict == "Inconclusive":
             count = state.inconclusive_checks + 1
             self.set(inconclusive_checks=count)
-            unclear = "; ".join(f"{o.name}: {o.message}" for o in outcomes if o.outcome != "Pass")
+            unclear = _grouped(o for o in outcomes if o.outcome != "Pass")
             assert self.strategy.analysis is not None
             if count >= self.strategy.analysis.inconclusive_limit:
                 self.set(paused=True, pause_reason="InconclusiveAnalysis")

@@ -239,11 +239,20 @@ def test_pods_not_ready_by_the_deadline_roll_back() -> None:
 
 def test_inconclusive_analysis_pauses_and_resume_continues() -> None:
     world = settled(World(blue_green()))
-    world.analysis = empty()
+    world.analysis = [
+        *empty(),
+        CheckOutcome("queue-age", "Inconclusive", None, "no data"),
+        CheckOutcome("latency-p95", "Inconclusive", None, "Prometheus unreachable"),
+    ]
     roll(world, V2)
     world.run_for(3 * 60)
     assert world.state is not None and world.state.paused
     assert world.state.pause_reason == "InconclusiveAnalysis"
+    # Checks that were inconclusive alike are named together, once.
+    assert world.state.message is not None
+    assert "(success-rate, queue-age: no data; latency-p95: Prometheus unreachable)" in (
+        world.state.message
+    )
     assert world.phase == "Observing" and world.last is not None
     assert world.last.service_colour == "green"
     # Paused: the window does not run out on its own.

@@ -421,7 +421,13 @@ def test_inconclusive_analysis_pauses_until_resumed(
     namespace: str,
     smoke_relay: tuple[int, int],
     prometheus: ScriptedPrometheus,
+    request: pytest.FixtureRequest,
 ) -> None:
+    # A resync far beyond the test: only watch events and the rollout's own timers move it,
+    # so the resume annotation below must wake the operator by itself.
+    operator.stop()
+    operator.start(resync_interval_s="3600")
+    request.addfinalizer(operator.stop)  # the next test gets the usual operator
     strategy = blue_green(prometheus, blueGreen={"observeWindow": "6s"})
     strategy["analysis"]["inconclusiveLimit"] = 2
     relay = setup(operator.cluster, namespace, smoke_relay, strategy)
