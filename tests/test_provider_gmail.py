@@ -816,6 +816,9 @@ async def test_credentials_never_reach_logs_errors_or_reprs(
     tmp_path: Path,
 ) -> None:
     caplog.set_level(logging.DEBUG)
+    # Even with the HTTP client at DEBUG (the relay keeps it at WARNING), nothing leaks.
+    for library in ("httpx", "httpcore"):
+        caplog.set_level(logging.DEBUG, logger=library)
     texts: list[str] = []
     spec = settings(google)
     provider = make_provider(spec)
