@@ -571,3 +571,32 @@ async def test_sends_reuse_a_few_kept_alive_connections(guard: list[str]) -> Non
     assert sink.count == 30
     assert 1 <= connections <= 2
     assert guard == []
+
+
+@pytest.mark.parametrize("bypassed", [False, True])
+async def test_the_environments_proxy_is_honoured(
+    make_provider: MakeProvider,
+    mailgun: FakeMailgun,
+    api: LocalApi,
+    monkeypatch: pytest.MonkeyPatch,
+    bypassed: bool,
+) -> None:
+    """HTTP(S)_PROXY and NO_PROXY apply as they did with httpx, read once per client. The
+    proxy here is a second local server that answers as Mailgun would."""
+    proxy = start_api()
+    try:
+        FakeMailgun(proxy)
+        for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        if bypassed:
+            monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        provider = make_provider()
+
+        for _ in range(2):
+            results = await provider.send(envelope("p1@example.net"), message())
+            assert results[0].outcome is Outcome.DELIVERED
+    finally:
+        proxy.stop()
+    assert (len(api.to(SEND_PATH)), len(proxy.to(SEND_PATH))) == ((2, 0) if bypassed else (0, 2))
+    assert proxy.errors == []

@@ -228,15 +228,27 @@ async def test_a_lost_lease_cannot_overwrite_the_new_holders_outcome(store: SqlS
     message = new_message()
     await store.enqueue(message)
     now = utcnow()
-    await store.claim(worker_id="slow", limit=1, lease=timedelta(seconds=1), now=now)
+    [claimed] = await store.claim(worker_id="slow", limit=1, lease=timedelta(seconds=1), now=now)
     later = now + timedelta(seconds=5)
     await store.requeue_expired(now=later)
     await store.claim(worker_id="fast", limit=1, lease=LEASE, now=later)
 
-    stale = AttemptResult(MessageStatus.FAILED, "stale", 0, None, later)
+    row = claimed.recipients[0].row_id
+    refused = RecipientUpdate(row, DeliveryStatus.FAILED, "550 stale", "smarthost")
+    stale = AttemptResult(MessageStatus.FAILED, "stale", 0, None, later, (refused,))
     assert not await store.complete(worker_id="slow", message_id=message.id, result=stale)
     found = await store.message_status(message.id)
     assert found is not None and found["status"] == "processing"
+    # Nor its recipients' (on MySQL they are in the same query as the fence: see complete).
+    [recipient] = found["recipients"]
+    assert (recipient["delivery_status"], recipient["attempts"]) == ("QUEUED", 0)
+
+    sent = RecipientUpdate(row, DeliveryStatus.SENT, None, "smarthost", "ID1", later)
+    done = AttemptResult(MessageStatus.SENT, None, 0, None, later, (sent,))
+    assert await store.complete(worker_id="fast", message_id=message.id, result=done)
+    found = await store.message_status(message.id)
+    assert found is not None and found["status"] == "sent"
+    assert [(r["delivery_status"], r["attempts"]) for r in found["recipients"]] == [("SENT", 1)]
 
 
 async def test_renew_extends_only_the_holders_leases(store: SqlStore) -> None:

@@ -19,7 +19,7 @@ from pymysql.constants import CLIENT, ER
 
 from relay.config import MysqlSettings
 from relay.queue import schema
-from relay.queue.model import MessageStatus
+from relay.queue.model import AttemptResult, MessageStatus
 from relay.queue.sql import Row, SqlStore, Statement, Tx
 from relay.queue.store import StoreUnavailable
 
@@ -187,18 +187,37 @@ class MysqlStore(SqlStore):
         # (CLIENT.MULTI_STATEMENTS, see open): one round trip. The server stops at the
         # first statement that fails, so the COMMIT is never reached, and _one_trip rolls
         # back what the statements before it wrote.
-        sql = ";\n".join([*(_dialect(text) for text, _ in statements), "COMMIT"])
-        params = tuple(value for _, values in statements for value in values)
-        await self._one_trip(sql, params)
+        await self._one_trip([*statements, ("COMMIT", ())])
 
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         # The query and the COMMIT that ends its implicit transaction, in one round trip.
-        return await self._one_trip(_dialect(sql) + ";\nCOMMIT", tuple(params))
+        rows, _ = await self._one_trip([(sql, params), ("COMMIT", ())])
+        return rows
 
-    async def _one_trip(self, sql: str, params: tuple[Any, ...]) -> list[Row]:
-        """Send a multi-statement query; the first result's rows. Rolled back on failure."""
+    async def complete(self, *, worker_id: str, message_id: str, result: AttemptResult) -> bool:
+        # One round trip instead of one per statement: the recipients' updates apply only
+        # if the fenced update of the message found the lease still held (ROW_COUNT() of
+        # the statement just before, kept in a session variable), all in one transaction.
+        fence, updates = self._outcome_statements(worker_id, message_id, result)
+        _, held = await self._one_trip(
+            [
+                fence,
+                ("SET @relay_lease_held = ROW_COUNT()", ()),
+                *((sql + " AND @relay_lease_held = 1", params) for sql, params in updates),
+                ("COMMIT", ()),
+            ]
+        )
+        return held > 0
+
+    async def _one_trip(self, statements: Sequence[Statement]) -> tuple[list[Row], int]:
+        """Send the statements as one query; the first one's rows and affected row count.
+
+        Rolled back on failure (the COMMIT, if it is the last statement, was not reached).
+        """
         if self._pool is None:
             raise StoreUnavailable("MySQL queue is not open")
+        sql = ";\n".join(_dialect(text) for text, _ in statements)
+        params = tuple(value for _, values in statements for value in values)
         try:
             conn = await self._pool.acquire()
         except (pymysql.Error, OSError) as exc:
@@ -207,6 +226,7 @@ class MysqlStore(SqlStore):
             cursor = await conn.cursor()
             try:
                 await cursor.execute(sql, params)
+                first = int(cursor.rowcount)
                 rows = [tuple(row) for row in await cursor.fetchall() or ()]
                 # Every result must be read (the failure of a later statement surfaces
                 # here) before the connection can take another query.
@@ -221,7 +241,7 @@ class MysqlStore(SqlStore):
                 await cursor.close()
         finally:
             self._pool.release(conn)
-        return rows
+        return rows, first
 
     @asynccontextmanager
     async def migration_lock(self) -> AsyncIterator[None]:

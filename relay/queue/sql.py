@@ -420,52 +420,61 @@ class SqlStore(abc.ABC):
             )
 
     async def complete(self, *, worker_id: str, message_id: str, result: AttemptResult) -> bool:
-        finished = self.to_db_time(result.finished_at)
-        next_attempt = (
-            self.to_db_time(result.next_attempt_at) if result.next_attempt_at else finished
-        )
+        fence, updates = self._outcome_statements(worker_id, message_id, result)
         async with self.transaction() as tx:
             # Fencing: only the holder of the lease may record the outcome. If the lease
             # expired and another worker took the message, this attempt's result is dropped
             # and the other worker's stands.
-            held = await tx.execute(
-                "UPDATE messages SET status = ?, error = ?, retry_count = ?,"
-                " next_attempt_at = ?, processed_at = ?, claimed_by = NULL,"
-                " claim_expires_at = NULL WHERE id = ? AND claimed_by = ? AND status = ?",
-                (
-                    result.status.value,
-                    result.error,
-                    result.retry_count,
-                    next_attempt,
-                    finished,
-                    message_id,
-                    worker_id,
-                    MessageStatus.PROCESSING.value,
-                ),
-            )
-            if not held:
+            if not await tx.execute(*fence):
                 return False
-            await tx.executemany(
+            for sql, params in updates:
+                await tx.execute(sql, params)
+        return True
+
+    def _outcome_statements(
+        self, worker_id: str, message_id: str, result: AttemptResult
+    ) -> tuple[Statement, list[Statement]]:
+        """The fenced update of the message, and one update per recipient."""
+        finished = self.to_db_time(result.finished_at)
+        next_attempt = (
+            self.to_db_time(result.next_attempt_at) if result.next_attempt_at else finished
+        )
+        fence = (
+            "UPDATE messages SET status = ?, error = ?, retry_count = ?,"
+            " next_attempt_at = ?, processed_at = ?, claimed_by = NULL,"
+            " claim_expires_at = NULL WHERE id = ? AND claimed_by = ? AND status = ?",
+            (
+                result.status.value,
+                result.error,
+                result.retry_count,
+                next_attempt,
+                finished,
+                message_id,
+                worker_id,
+                MessageStatus.PROCESSING.value,
+            ),
+        )
+        updates: list[Statement] = [
+            (
                 "UPDATE message_recipients SET delivery_status = ?, error = ?,"
                 " provider = COALESCE(?, provider),"
                 " provider_message_id = COALESCE(?, provider_message_id),"
                 " sent_at = COALESCE(?, sent_at), attempts = attempts + 1, updated_at = ?"
                 " WHERE id = ? AND message_id = ?",
-                [
-                    (
-                        update.status.value,
-                        update.error,
-                        update.provider,
-                        update.provider_message_id,
-                        self.to_db_time(update.sent_at) if update.sent_at else None,
-                        finished,
-                        update.row_id,
-                        message_id,
-                    )
-                    for update in result.recipients
-                ],
+                (
+                    update.status.value,
+                    update.error,
+                    update.provider,
+                    update.provider_message_id,
+                    self.to_db_time(update.sent_at) if update.sent_at else None,
+                    finished,
+                    update.row_id,
+                    message_id,
+                ),
             )
-        return True
+            for update in result.recipients
+        ]
+        return fence, updates
 
     async def release(self, *, worker_id: str, message_ids: Sequence[str]) -> int:
         if not message_ids:

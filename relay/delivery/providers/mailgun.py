@@ -21,11 +21,13 @@ never bounce; the first may heal (transient), the second needs an operator.
 
 from __future__ import annotations
 
+import base64
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 
 from relay.config import MailgunProviderSettings
 from relay.delivery.providers import _http
@@ -36,6 +38,19 @@ log = logging.getLogger("relay.delivery.mailgun")
 # Epoch values in X-RateLimit-Reset: above these they are timestamps, not delays.
 _EPOCH_MS = 1e12
 _EPOCH_S = 1e9
+# The upload of a large message may take longer than `timeout`: a second more per MiB.
+_UPLOAD_FLOOR_BYTES_PER_S = 1024 * 1024
+# Mailgun answers with a small JSON document; more than this is not read.
+_ANSWER_MAX_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A response, read whole before the connection goes back to the pool."""
+
+    status_code: int
+    headers: Mapping[str, str]
+    body: dict[str, Any] | None  # the JSON object, when it is one
 
 
 class MailgunProvider:
@@ -50,7 +65,7 @@ class MailgunProvider:
         self.settings = settings
         self.api_root = settings.api_root()
         self._wall_clock = wall_clock
-        self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
         self._send_url = f"{self.api_root}/v3/{settings.domain}/messages.mime"
         self._domain_url = f"{self.api_root}/v4/domains/{settings.domain}"
 
@@ -58,16 +73,18 @@ class MailgunProvider:
         return f"MailgunProvider(name={self.name!r}, domain={self.settings.domain!r})"
 
     async def send(self, envelope: Envelope, content: bytes) -> Sequence[RecipientResult]:
-        fields = {
-            "to": list(envelope.rcpt_tos),
-            "v:relay-message-id": envelope.message_id,
-            "o:tracking": "no",
-        }
-        # A file part, as the API asks; httpx streams the bytes without copying them.
-        files = {"message": ("message.eml", content, "message/rfc822")}
-        response = await self._request("POST", self._send_url, data=fields, files=files)
+        fields = [
+            *(("to", address) for address in envelope.rcpt_tos),
+            ("v:relay-message-id", envelope.message_id),
+            ("o:tracking", "no"),
+        ]
+        # The MIME as a file part, as the API asks, its bytes untouched.
+        content_type, form = _http.multipart(
+            fields, ("message", "message.eml", "message/rfc822", content)
+        )
+        response = await self._request("POST", self._send_url, body=form, content_type=content_type)
         status = response.status_code
-        body = _http.json_object(response)
+        body = response.body
         said = _http.clip((body or {}).get("message", ""))
         if status == 200:
             # Mailgun queued it: whatever the body says, sending again would duplicate.
@@ -79,9 +96,7 @@ class MailgunProvider:
             return _every(envelope, Outcome.PERMANENT, detail)
         raise self._failure(response, body, said)
 
-    def _failure(
-        self, response: httpx.Response, body: dict[str, Any] | None, said: str
-    ) -> ProviderError:
+    def _failure(self, response: _Answer, body: dict[str, Any] | None, said: str) -> ProviderError:
         status = response.status_code
         detail = f"{self.name}: Mailgun {status} {said}".rstrip()
         if status in (401, 403):
@@ -98,7 +113,7 @@ class MailgunProvider:
             detail, retry_after=_http.retry_after(response.headers, now=self._wall_clock())
         )
 
-    def _wait(self, response: httpx.Response) -> float | None:
+    def _wait(self, response: _Answer) -> float | None:
         now = self._wall_clock()
         wait = _http.retry_after(response.headers, now=now)
         if wait is not None:
@@ -110,11 +125,11 @@ class MailgunProvider:
             if reset > _EPOCH_S:
                 return max(0.0, reset - now)
             return reset
-        return _number((_http.json_object(response) or {}).get("retry-seconds"))
+        return _number((response.body or {}).get("retry-seconds"))
 
     async def check(self) -> None:
         response = await self._request("GET", self._domain_url)
-        body = _http.json_object(response)
+        body = response.body
         if response.status_code != 200:
             raise self._failure(response, body, _http.clip((body or {}).get("message", "")))
         domain = (body or {}).get("domain")
@@ -127,16 +142,18 @@ class MailgunProvider:
             )
 
     async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = _http.new_client(self.settings.timeout, self.settings.max_connections)
-        return self._client
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = _http.new_session(self.settings.max_connections, self.api_root)
+        return self._session
 
-    async def _request(self, method: str, url: str, **request: Any) -> httpx.Response:
+    async def _request(
+        self, method: str, url: str, *, body: bytes = b"", content_type: str | None = None
+    ) -> _Answer:
         try:
             key = self.settings.resolved_api_key()
         except OSError as exc:
@@ -145,10 +162,42 @@ class MailgunProvider:
                 transient=False,
                 kind="credentials",
             ) from None
+        headers = {"Authorization": "Basic " + base64.b64encode(f"api:{key}".encode()).decode()}
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        # Each phase (connect, waiting for the answer) within `timeout`, the whole request
+        # within `timeout` plus a second per MiB uploaded (runbook: provider_timeout).
+        seconds = self.settings.timeout.total_seconds()
+        timeout = aiohttp.ClientTimeout(
+            total=seconds + len(body) / _UPLOAD_FLOOR_BYTES_PER_S,
+            connect=seconds,
+            sock_read=seconds,
+        )
         try:
-            return await self._http().request(method, url, auth=("api", key), **request)
-        except httpx.HTTPError as exc:
+            async with self._http().request(
+                method,
+                url,
+                data=body if method == "POST" else None,
+                headers=headers,
+                timeout=timeout,
+                # A redirect would carry the Authorization header wherever it points.
+                allow_redirects=False,
+            ) as response:
+                data = await _read_capped(response)
+                return _Answer(response.status, response.headers, _http.json_object_of(data))
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise ProviderError(f"{self.name}: Mailgun: {_http.brief(exc)}") from exc
+
+
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= _ANSWER_MAX_BYTES:
+            break  # not JSON from Mailgun; the connection is closed rather than reused
+    return b"".join(chunks)
 
 
 def _number(value: Any) -> float | None:
