@@ -68,6 +68,18 @@ def duration_s(value: str) -> float:
     return float(value[: match.start(1)]) * _UNIT_SECONDS[match[1]]
 
 
+# What a rollout that has ended (promoted, rolled back, aborted) leaves of its candidate.
+_NO_CANDIDATE: dict[str, Any] = {
+    "candidate_revision": None,
+    "candidate_colour": None,
+    "candidate_image": None,
+    "set_weight": 0,
+    "next_analysis_at": None,
+    "next_confirmation_at": None,
+    "rollback": False,
+}
+
+
 def _grouped(outcomes: Iterable[CheckOutcome]) -> str:
     """`a, b: no data; c: HTTP 503`: checks that failed alike, said once."""
     by_message: dict[str, list[str]] = {}
@@ -708,16 +720,10 @@ class _Planner:
             stable_colour=state.candidate_colour,
             stable_image=state.candidate_image,
             active_colour=state.candidate_colour,
-            candidate_revision=None,
-            candidate_colour=None,
-            candidate_image=None,
-            set_weight=0,
-            next_analysis_at=None,
-            next_confirmation_at=None,
+            **_NO_CANDIDATE,
             scale_down_colour=old_colour,
             scale_down_at=_stamp(self.now + datetime.timedelta(seconds=delay)),
             rejected_revision=old_revision if state.rollback else None,
-            rollback=False,
         )
         if delay:
             self.wake(delay)
@@ -750,15 +756,9 @@ class _Planner:
             rejected = revision
         self.set(
             active_colour=state.stable_colour,
-            candidate_revision=None,
-            candidate_colour=None,
-            candidate_image=None,
-            set_weight=0,
-            next_analysis_at=None,
-            next_confirmation_at=None,
+            **_NO_CANDIDATE,
             paused=False,
             pause_reason=None,
-            rollback=False,
             scale_down_colour=state.candidate_colour,
             scale_down_at=_stamp(self.now),
             rejected_revision=rejected,
