@@ -1,4 +1,4 @@
-"""`python -m bench.run [all|ingest|latency|drain|memory]`: measure, then report.
+"""`python -m bench.run [all|ingest|latency|drain|memory|operator]`: measure, then report.
 
 Writes bench/results/<timestamp>.json (profiles next to it in <timestamp>/) and prints a
 short table. BENCH_SCALE (default 0.1) scales the long parts towards the issue's full
@@ -19,6 +19,7 @@ from typing import Any
 
 from bench import scenarios
 from bench.measure import machine, versions
+from bench.operator import OPERATOR_P95_TARGET_S, OPERATOR_RSS_TARGET_MIB, operator_benchmark
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -30,8 +31,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         "what",
         nargs="?",
         default="all",
-        choices=("all", "ingest", "latency", "drain", "memory", "whatif"),
-        help="all: the four measurements; whatif (not in all): uvloop and two replicas",
+        choices=("all", "ingest", "latency", "drain", "memory", "operator", "whatif"),
+        help="all: the relay's four measurements and the operator's; whatif (not in all):"
+        " uvloop and two replicas",
     )
     parser.add_argument("--messages", type=int, default=10000, help="ingest: per run")
     parser.add_argument("--sessions", type=int, default=20, help="ingest: smtp-source -s")
@@ -59,6 +61,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         default="auto",
         help="py-spy extra runs: auto profiles where a target is missed",
     )
+    parser.add_argument("--relays", type=int, default=200, help="operator: SmtpRelays per round")
+    parser.add_argument("--operator-repeats", type=int, default=3, help="operator rounds")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     return parser.parse_args(argv)
 
@@ -79,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
     }
     began = time.monotonic()
-    wanted = ("ingest", "latency", "drain", "memory") if args.what == "all" else (args.what,)
+    everything = ("ingest", "latency", "drain", "memory", "operator")
+    wanted = everything if args.what == "all" else (args.what,)
     try:
         for what in wanted:
             print(f"{what} ...", flush=True)
@@ -101,6 +106,15 @@ def main(argv: list[str] | None = None) -> int:
 def _run(
     what: str, bench: scenarios.Bench, args: argparse.Namespace, report: dict[str, Any]
 ) -> dict[str, Any]:
+    if what == "operator":
+        return operator_benchmark(
+            root=bench.workdir("operator"),
+            artefacts=bench.artefacts,
+            relays=args.relays,
+            repeats=args.operator_repeats,
+            profile=bench.profile,
+            keep=bench.keep,
+        )
     if what == "whatif":
         return scenarios.whatif(
             bench,
@@ -241,6 +255,24 @@ def table(report: dict[str, Any]) -> str:
                 f"{m['rss_growth_mib']} MiB",
                 f"{m['rss_slope_mib_per_min']} MiB/min",
                 _mark(m["no_growth_met"]),
+            )
+        )
+    if report.get("operator"):
+        o = report["operator"]
+        rows.append(
+            (
+                f"operator: SmtpRelay to children, {o['parameters']['relays']} relays, P50/P95",
+                f"{o['p50_s']} / {o['p95_s']} s",
+                f"target P95 < {OPERATOR_P95_TARGET_S:.0f} s",
+                _mark(o["p95_target_met"]),
+            )
+        )
+        rows.append(
+            (
+                "operator RSS peak",
+                f"{o['rss_peak_mib']} MiB",
+                f"idle {o['rss_idle_mib']} MiB, target < {OPERATOR_RSS_TARGET_MIB:.0f}",
+                _mark(o["rss_target_met"]),
             )
         )
     if "whatif" in report:
