@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import sqlite3
 from datetime import timedelta
 from pathlib import Path
@@ -395,3 +396,14 @@ def test_server_texts_that_may_quote_data_are_withheld() -> None:
         "MySQL queue unavailable: OperationalError"
         " (1045, \"Access denied for user 'relay'@'localhost'\")",
     ]
+
+
+def test_the_raw_message_is_quoted_exactly_as_pymysql_would() -> None:
+    """The enqueue quotes the message itself (15 times faster than PyMySQL's translate);
+    the literal must be byte for byte PyMySQL's, whatever the bytes. MariaDB's side of
+    it: test_large_binary_content_round_trips."""
+    from pymysql.converters import escape_bytes_prefixed
+
+    samples = [bytes(range(256)) * 3, b"", b"'\\\"\0\n\r\x1a", b"\\'", secrets.token_bytes(65536)]
+    for sample in samples:
+        assert mysql._binary_literal(sample) == escape_bytes_prefixed(sample)

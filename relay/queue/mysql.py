@@ -217,7 +217,7 @@ class MysqlStore(SqlStore):
         if self._pool is None:
             raise StoreUnavailable("MySQL queue is not open")
         sql = ";\n".join(_dialect(text) for text, _ in statements)
-        params = tuple(value for _, values in statements for value in values)
+        params = [value for _, values in statements for value in values]
         try:
             conn = await self._pool.acquire()
         except (pymysql.Error, OSError) as exc:
@@ -225,7 +225,9 @@ class MysqlStore(SqlStore):
         try:
             cursor = await conn.cursor()
             try:
-                await cursor.execute(sql, params)
+                # Interpolated here rather than by aiomysql, for the raw message's sake: see
+                # _binary_literal. Executed without arguments, so nothing is done twice.
+                await cursor.execute(sql % tuple(_literal(conn, value) for value in params))
                 first = int(cursor.rowcount)
                 rows = [tuple(row) for row in await cursor.fetchall() or ()]
                 # Every result must be read (the failure of a later statement surfaces
@@ -278,6 +280,35 @@ class MysqlStore(SqlStore):
                 (MessageStatus.PROCESSING.value, worker_id, until, now, *ids),
             )
         return rows
+
+
+# PyMySQL's escapes for a quoted literal (converters._escape_table), backslash first.
+_BINARY_ESCAPES = (
+    (b"\\", b"\\\\"),
+    (b"\0", b"\\0"),
+    (b"\n", b"\\n"),
+    (b"\r", b"\\r"),
+    (b"\x1a", b"\\Z"),
+    (b'"', b'\\"'),
+    (b"'", b"\\'"),
+)
+
+
+def _binary_literal(value: bytes) -> str:
+    """The same _binary'...' literal as PyMySQL's escape_bytes_prefixed, made faster.
+
+    PyMySQL maps every byte through str.translate: 12 % of ingest CPU for 4 KiB messages
+    (docs/benchmarks.md). bytes.replace runs at memory speed; the bytes above 127 travel
+    as surrogates that the connection encodes back (utf-8, surrogateescape), as PyMySQL's do.
+    """
+    for special, escaped in _BINARY_ESCAPES:
+        if special in value:
+            value = value.replace(special, escaped)
+    return "_binary'" + value.decode("ascii", "surrogateescape") + "'"
+
+
+def _literal(conn: aiomysql.Connection, value: Any) -> str:
+    return _binary_literal(value) if isinstance(value, bytes) else str(conn.escape(value))
 
 
 async def _rollback_quietly(conn: aiomysql.Connection) -> None:
