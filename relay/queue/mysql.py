@@ -158,7 +158,9 @@ class MysqlStore(SqlStore):
             await tx.fetchall("SELECT 1")
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Tx]:
+    async def _cursor(self) -> AsyncIterator[aiomysql.Cursor]:
+        """A cursor on a pooled connection; rolled back if the block fails, whatever it
+        was doing, and database failures raised as StoreUnavailable."""
         if self._pool is None:
             raise StoreUnavailable("MySQL queue is not open")
         try:
@@ -170,8 +172,7 @@ class MysqlStore(SqlStore):
             # a BEGIN would cost a round trip of its own.
             cursor = await conn.cursor()
             try:
-                yield _MysqlTx(cursor)
-                await conn.commit()
+                yield cursor
             except BaseException as exc:
                 await _rollback_quietly(conn)
                 if isinstance(exc, pymysql.Error | OSError):
@@ -181,6 +182,12 @@ class MysqlStore(SqlStore):
                 await cursor.close()
         finally:
             self._pool.release(conn)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        async with self._cursor() as cursor:
+            yield _MysqlTx(cursor)
+            await cursor.connection.commit()
 
     async def write_all(self, statements: Sequence[Statement]) -> None:
         # The statements and the COMMIT go to the server as one multi-statement query
@@ -214,35 +221,19 @@ class MysqlStore(SqlStore):
 
         Rolled back on failure (the COMMIT, if it is the last statement, was not reached).
         """
-        if self._pool is None:
-            raise StoreUnavailable("MySQL queue is not open")
         sql = ";\n".join(_dialect(text) for text, _ in statements)
         params = [value for _, values in statements for value in values]
-        try:
-            conn = await self._pool.acquire()
-        except (pymysql.Error, OSError) as exc:
-            raise _unavailable(exc) from exc
-        try:
-            cursor = await conn.cursor()
-            try:
-                # Interpolated here rather than by aiomysql, for the raw message's sake: see
-                # _binary_literal. Executed without arguments, so nothing is done twice.
-                await cursor.execute(sql % tuple(_literal(conn, value) for value in params))
-                first = int(cursor.rowcount)
-                rows = [tuple(row) for row in await cursor.fetchall() or ()]
-                # Every result must be read (the failure of a later statement surfaces
-                # here) before the connection can take another query.
-                while await cursor.nextset():
-                    pass
-            except BaseException as exc:
-                await _rollback_quietly(conn)
-                if isinstance(exc, pymysql.Error | OSError):
-                    raise _unavailable(exc) from exc
-                raise
-            finally:
-                await cursor.close()
-        finally:
-            self._pool.release(conn)
+        async with self._cursor() as cursor:
+            # Interpolated here rather than by aiomysql, for the raw message's sake: see
+            # _binary_literal. Executed without arguments, so nothing is done twice.
+            literals = tuple(_literal(cursor.connection, value) for value in params)
+            await cursor.execute(sql % literals)
+            first = int(cursor.rowcount)
+            rows = [tuple(row) for row in await cursor.fetchall() or ()]
+            # Every result must be read (the failure of a later statement surfaces here)
+            # before the connection can take another query.
+            while await cursor.nextset():
+                pass
         return rows, first
 
     @asynccontextmanager
