@@ -117,6 +117,8 @@ class StrategyRun:
         self.secret_versions = secret_versions
         self.announce = announce
         self.namespace = relay.namespace
+        # Both colour Deployments as last seen: observed, then as each apply answered.
+        self.found: dict[Colour, dict[str, Any] | None] = {}
 
     # --- 1. the spec's revision -------------------------------------------------------
 
@@ -293,7 +295,8 @@ class StrategyRun:
                 )
                 return
             revision, pods = work.revision, stored
-        await self.kube.apply(
+        # What the API server answered is what the status reports on: no second read.
+        self.found[colour] = await self.kube.apply(
             builders.colour_deployment(
                 self.relay, colour=colour, revision=revision, template=pods, replicas=work.replicas
             )
@@ -349,4 +352,4 @@ async def run(
     await work.act(result, target, template)
     if any(e.reason == "RolloutStarted" for e in result.events):
         await work.prune(result.state)
-    return Outcome(result, target.revision, await work.deployments())
+    return Outcome(result, target.revision, work.found)
