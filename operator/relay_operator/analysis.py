@@ -61,11 +61,15 @@ def promql_string(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _ratio(*, name: str, part: str, whole: str, limit: float) -> Check:
+def _ratio(
+    *, name: str, part: str, whole: str, limit: float | None = None, floor: float | None = None
+) -> Check:
     # `or vector(0)`: a series that was never incremented does not exist, and that means
-    # zero. The denominator gets no such default, so no traffic stays empty (or 0/0 = NaN).
+    # zero (no failure counted yet; or, for success-rate, a version that never once
+    # succeeded, which must fail rather than look inconclusive). The denominator gets no
+    # such default, so no traffic stays empty (or 0/0 = NaN).
     query = f"# check: {name}\n100 * (sum({part}) or vector(0)) / sum({whole})"
-    return Check(name=name, query=query, min=None, max=limit, unit="%")
+    return Check(name=name, query=query, min=floor, max=limit, unit="%")
 
 
 def checks(
@@ -91,14 +95,14 @@ def checks(
 
     found: list[Check] = []
     if analysis.success_rate.enabled:
-        # The numerator defaults to 0 too: a version whose every attempt failed has no
-        # "sent" series at all, and must fail here rather than look inconclusive.
-        sent, attempts = (
-            rate("emails_processed_total", 'outcome="sent"'),
-            rate("emails_processed_total"),
+        found.append(
+            _ratio(
+                name="success-rate",
+                part=rate("emails_processed_total", 'outcome="sent"'),
+                whole=rate("emails_processed_total"),
+                floor=analysis.success_rate.min,
+            )
         )
-        query = f"# check: success-rate\n100 * (sum({sent}) or vector(0)) / sum({attempts})"
-        found.append(Check("success-rate", query, analysis.success_rate.min, None, "%"))
     if error_rate_max is not None:
         found.append(
             _ratio(

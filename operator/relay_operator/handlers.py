@@ -442,16 +442,10 @@ async def _reconcile_strategy(
     async def write_state(state: Any) -> None:
         await ctx.kube.patch_status(url, {"rollout": state.model_dump(mode="json", by_alias=True)})
 
-    outcome = await strategies.run(
-        ctx.kube,
-        ctx.settings,
-        obj,
-        relay,
-        inputs.providers,
-        inputs.secret_versions,
-        announce,
-        write_state,
+    work = strategies.StrategyRun(
+        ctx.kube, ctx.settings, obj, relay, inputs.providers, inputs.secret_versions, announce
     )
+    outcome = await strategies.run(work, write_state)
     state = outcome.plan.state
     _wake_later(ctx, relay.namespace, relay.name, outcome.plan.wake_at)
     found = {c: d for c, d in outcome.deployments.items() if d is not None}

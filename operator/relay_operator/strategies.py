@@ -166,7 +166,7 @@ class StrategyRun:
 
     # --- 2. what is there --------------------------------------------------------------
 
-    async def observe(self, target: Target, state: RolloutStatus | None) -> Observed:
+    async def observe(self, target: Target) -> Observed:
         deployments = await self.deployments()
         legacy = await self.kube.get(path("apps/v1", "Deployment", self.namespace, self.relay.name))
         self.found = deployments
@@ -328,27 +328,19 @@ def _strip(template: Mapping[str, Any]) -> dict[str, Any]:
 
 
 async def run(
-    kube: Kube,
-    settings: OperatorSettings,
-    obj: dict[str, Any],
-    relay: Relay,
-    providers: list[Provider],
-    secret_versions: Mapping[str, str],
-    announce: Announce,
-    write_state: Callable[[RolloutStatus], Awaitable[None]],
+    work: StrategyRun, write_state: Callable[[RolloutStatus], Awaitable[None]]
 ) -> Outcome:
-    """One full pass; see the module docstring."""
-    work = StrategyRun(kube, settings, obj, relay, providers, secret_versions, announce)
+    """One full pass of `work`; see the module docstring."""
     target, template = await work.build()
-    state = rollout.parse_state((obj.get("status") or {}).get("rollout"))
-    seen = await work.observe(target, state)
+    state = rollout.parse_state((work.obj.get("status") or {}).get("rollout"))
+    seen = await work.observe(target)
     result = await work.plan(state, seen)
 
     # Write-ahead: the status is the rollout's log; acting comes second.
     if state is None or result.state != state:
         await write_state(result.state)
     for event in result.events:
-        await announce(event.reason, event.message, event.warning)
+        await work.announce(event.reason, event.message, event.warning)
     await work.act(result, target, template)
     if any(e.reason == "RolloutStarted" for e in result.events):
         await work.prune(result.state)

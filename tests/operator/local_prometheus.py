@@ -17,13 +17,12 @@ a mode per check name (with dashes written as underscores) or a default for all 
 
 from __future__ import annotations
 
-import http.server
-import json
 import threading
 import time
-import urllib.parse
 from types import TracebackType
 from typing import Any
+
+from tests.local_http import LocalApi, Reply, Request
 
 MODES = ("good", "bad", "empty", "nan", "error")
 
@@ -54,27 +53,13 @@ class ScriptedPrometheus:
         self._default = "good"
         self._modes: dict[str, str] = {}
         self.queries: list[str] = []
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                url = urllib.parse.urlsplit(self.path)
-                owner._answer(self, url.path, urllib.parse.parse_qs(url.query))
-
-            def do_POST(self) -> None:
-                url = urllib.parse.urlsplit(self.path)
-                length = int(self.headers.get("Content-Length", 0))
-                form = urllib.parse.parse_qs(self.rfile.read(length).decode("utf-8"))
-                owner._answer(self, url.path, {**urllib.parse.parse_qs(url.query), **form})
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.address = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._api = LocalApi()
+        for method in ("GET", "POST"):
+            self._api.route(method, "/api/v1/query", self._answer)
+        self.address = self._api.url
 
     def __enter__(self) -> ScriptedPrometheus:
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._api.start()
         return self
 
     def __exit__(
@@ -83,8 +68,8 @@ class ScriptedPrometheus:
         value: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._api.stop()
+        assert not self._api.errors, self._api.errors
 
     def set(self, default: str | None = None, **per_check: str) -> None:
         """Script the answers: `set(default="good", latency_p95="bad")`. Replaces the
@@ -104,25 +89,26 @@ class ScriptedPrometheus:
         with self._lock:
             return self._modes.get(name or "", self._default)
 
-    def _answer(
-        self, handler: http.server.BaseHTTPRequestHandler, route: str, params: dict[str, list[str]]
-    ) -> None:
-        if route != "/api/v1/query":
-            self._send(handler, 404, {"status": "error", "errorType": "not_found", "error": route})
-            return
+    def _answer(self, request: Request) -> Reply:
+        # Prometheus takes its parameters from the URL or, for POST, a form body.
+        params = dict(request.query)
+        if request.method == "POST" and request.body:
+            params.update(request.form())
         query = (params.get("query") or [""])[0]
         with self._lock:
             self.queries.append(query)
-        name = check_name(query)
         if not query.strip():
-            body = {"status": "error", "errorType": "bad_data", "error": "query is empty"}
-            self._send(handler, 400, body)
-            return
+            error = {"status": "error", "errorType": "bad_data", "error": "query is empty"}
+            return Reply(400, json=error)
+        name = check_name(query)
         mode = self.mode_for(name)
         if mode == "error":
-            error = "1:1: parse error: scripted failure"
-            self._send(handler, 400, {"status": "error", "errorType": "bad_data", "error": error})
-            return
+            error = {
+                "status": "error",
+                "errorType": "bad_data",
+                "error": "1:1: parse error: scripted failure",
+            }
+            return Reply(400, json=error)
         now = round(time.time(), 3)
         result: list[dict[str, Any]] = []
         if mode == "nan":
@@ -130,14 +116,6 @@ class ScriptedPrometheus:
         elif mode in ("good", "bad"):
             good, bad = VALUES.get(name or "", ("0", "100"))
             result = [{"metric": {}, "value": [now, good if mode == "good" else bad]}]
-        body = {"status": "success", "data": {"resultType": "vector", "result": result}}
-        self._send(handler, 200, body)
-
-    @staticmethod
-    def _send(handler: http.server.BaseHTTPRequestHandler, code: int, body: Any) -> None:
-        data = json.dumps(body).encode("utf-8")
-        handler.send_response(code)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(data)))
-        handler.end_headers()
-        handler.wfile.write(data)
+        return Reply(
+            200, json={"status": "success", "data": {"resultType": "vector", "result": result}}
+        )

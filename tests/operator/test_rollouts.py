@@ -13,7 +13,6 @@ how many pods each colour runs, status.rollout and the conditions, and the Event
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import subprocess
@@ -26,6 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.local_http import LocalApi, Reply, Request
 from tests.operator.cluster import Cluster, OperatorProcess, eventually
 from tests.operator.local_prometheus import ScriptedPrometheus
 from tests.servers import free_port, wait_for_port
@@ -75,26 +75,18 @@ class ReleaseGate:
     def __init__(self) -> None:
         self.status = 409
         self.calls: list[dict[str, Any]] = []
-        gate = self
+        self.api = LocalApi()
+        self.api.route("POST", "/confirm", self._answer)
+        self.url = self.api.url + "/confirm"
+        self.api.start()
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", 0))
-                gate.calls.append(json.loads(self.rfile.read(length)))
-                self.send_response(gate.status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/confirm"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _answer(self, request: Request) -> Reply:
+        self.calls.append(json.loads(request.body))
+        return Reply(self.status)
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.api.stop()
+        assert not self.api.errors, self.api.errors
 
 
 @pytest.fixture
