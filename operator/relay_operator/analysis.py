@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,9 +31,6 @@ from relay_operator.peers import reason, short
 # The pure state machine owns the outcome type; this module only produces outcomes.
 from relay_operator.rollout import CheckOutcome as Outcome
 from relay_operator.rollout import Verdict, duration_s
-
-_DURATION = re.compile(models.DURATION_PATTERN)
-
 
 # ---------------------------------------------------------------------------------------
 # Checks: what is asked
@@ -85,8 +81,10 @@ def checks(
     `window` is the PromQL range each rate is taken over (the spec's Duration spelling,
     which PromQL accepts). `error_rate_max` adds blue-green's error-rate check.
     """
-    if not _DURATION.match(window):
-        raise ValueError(f"window must be a duration like 1m or 30s, not {window!r}")
+    try:
+        duration_s(window)
+    except ValueError:
+        raise ValueError(f"window must be a duration like 1m or 30s, not {window!r}") from None
     selector = f"namespace={promql_string(namespace)},pod=~{promql_string(pods)}"
 
     def rate(metric: str, extra: str = "") -> str:
