@@ -18,7 +18,7 @@ from typing import Any
 
 from relay import __version__
 from relay.clock import utcnow
-from relay.config import ConfigError, Settings, load_settings
+from relay.config import ConfigError, Settings, load_config
 from relay.logs import configure
 from relay.queue import SqlStore, StoreUnavailable, create_store
 
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "hash-password":
         return _hash_password()
     try:
-        settings = load_settings(args.config)
+        settings, config_text = load_config(args.config)
     except ConfigError as exc:
         print(f"smtp-relay: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         print("configuration ok")
         return 0
     if args.command == "serve":
-        return _run(_serve(settings))
+        return _run(_serve(settings, config_text))
     if args.command == "db":
         return _run(_with_store(settings, _migrate))
     if args.command == "queue" and args.queue_command == "status":
@@ -478,10 +478,15 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
         return 130
 
 
-async def _serve(settings: Settings) -> int:
+async def _serve(settings: Settings, config_text: str | None) -> int:
+    if settings.smtp.processes > 1:
+        from relay.processes import prepare_metrics_dir
+
+        # Before relay.service imports the metrics: prometheus_client picks its storage then.
+        prepare_metrics_dir()
     from relay.service import RelayService
 
-    service = RelayService(settings)
+    service = RelayService(settings, config_text=config_text)
     try:
         await service.run()
     except BaseException:

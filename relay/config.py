@@ -130,6 +130,15 @@ class SmtpSettings(_Section):
         description="Clients offered AUTH without TLS. Elsewhere AUTH needs STARTTLS first.",
     )
     tls: TlsSettings = TlsSettings()
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "Processes accepting SMTP on the shared listening sockets (mysql queue only);"
+            " connection limits and rate buckets are split evenly between them."
+        ),
+    )
 
 
 class RateLimits(_Section):
@@ -627,6 +636,14 @@ class Settings(BaseSettings):
                 seen[user] = workspace_id
         return self
 
+    @model_validator(mode="after")
+    def _processes_share_the_queue(self) -> Settings:
+        # Processes share accepted mail through the queue database; the embedded SQLite
+        # file takes one writer at a time, so more processes would only queue on its lock.
+        if self.smtp.processes > 1 and self.queue.backend != "mysql":
+            raise ValueError("smtp.processes above 1 needs queue.backend: mysql")
+        return self
+
     def workspace(self, workspace_id: str) -> WorkspaceSettings:
         """A configured workspace, or the open default for one that is not configured."""
         return self.workspaces.get(workspace_id) or WorkspaceSettings()
@@ -651,19 +668,35 @@ class ConfigError(Exception):
 
 def load_settings(path: Path | str | None = None) -> Settings:
     """Read the YAML file (if any) and the environment, or raise ConfigError."""
+    return load_config(path)[0]
+
+
+def load_config(path: Path | str | None = None) -> tuple[Settings, str | None]:
+    """The settings and the YAML text they came from (None: environment and defaults).
+
+    The text is what extra ingest processes are started with, so that all of a relay's
+    processes run one configuration even if the file changes under them.
+    """
     path = path or os.environ.get(CONFIG_PATH_ENV) or None
+    if path is None:
+        return parse_settings(None, "environment and defaults"), None
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    return parse_settings(text, str(path)), text
+
+
+def parse_settings(text: str | None, source: str) -> Settings:
+    """Settings from YAML text (None: environment and defaults only), or raise ConfigError."""
     data: dict[str, Any] = {}
-    source = "environment and defaults"
-    if path is not None:
-        source = str(path)
+    if text is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+            raise ConfigError(f"config file {source} is not valid YAML: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
+            raise ConfigError(f"config file {source} must hold a mapping of sections")
         data = loaded or {}
     try:
         return Settings(**data)
@@ -674,7 +707,11 @@ def load_settings(path: Path | str | None = None) -> Settings:
 def _describe(exc: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for error in exc.errors(include_url=False, include_input=False):
-        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        if not error["loc"]:
+            # A rule across sections: its message names the keys.
+            lines.append(f"  {error['msg'].removeprefix('Value error, ')}")
+            continue
+        key = ".".join(str(part) for part in error["loc"])
         env = ENV_PREFIX + "__".join(str(p) for p in error["loc"]).upper()
         lines.append(f"  {key}: {error['msg']} (or environment {env})")
     return "\n".join(lines)

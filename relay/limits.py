@@ -97,10 +97,16 @@ class QuotaExceeded(Exception):
 
 
 class RateLimiter:
-    """The in-process buckets, one per workspace and one per sender within it."""
+    """The in-process buckets, one per workspace and one per sender within it.
 
-    def __init__(self) -> None:
+    `share` is the number of processes of one relay accepting mail (`smtp.processes`):
+    each holds that fraction of every bucket, so that together they allow the configured
+    rate. A client whose sessions all land on one process meets its limit early.
+    """
+
+    def __init__(self, share: int = 1) -> None:
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
+        self.share = share
 
     def take(self, limits: RateLimits, workspace_id: str, sender_key: str) -> str | None:
         """None when allowed; otherwise which bucket is empty."""
@@ -115,19 +121,18 @@ class RateLimiter:
         return bucket.remaining() if bucket else None
 
     def _bucket(self, key: tuple[str, str], limits: RateLimits) -> TokenBucket:
+        # At least one token per process, or a burst smaller than the process count
+        # would refuse everything.
+        capacity = max(1.0, limits.rate_limit_burst / self.share)
+        refill = limits.rate_limit_refill / self.share
         bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = TokenBucket(
-                limits.rate_limit_burst, limits.rate_limit_refill, limits.rate_limit_burst
-            )
+            bucket = TokenBucket(capacity, refill, capacity)
             self._buckets[key] = bucket
-        elif (bucket.capacity, bucket.refill_per_s) != (
-            limits.rate_limit_burst,
-            limits.rate_limit_refill,
-        ):
+        elif (bucket.capacity, bucket.refill_per_s) != (capacity, refill):
             # An override started or lapsed: keep the tokens, change the shape.
-            bucket.capacity = limits.rate_limit_burst
-            bucket.refill_per_s = limits.rate_limit_refill
+            bucket.capacity = capacity
+            bucket.refill_per_s = refill
         if len(self._buckets) > 100_000:
             # Sender buckets are per address: bound the memory an abusive client can claim.
             self._buckets = {k: v for k, v in self._buckets.items() if k[1] == ""}

@@ -4,6 +4,12 @@ Labels stay bounded: workspace (from configuration), provider (from configuratio
 outcome or error kind from a fixed list, a reply class. Never an address, a message id or
 free text. Queue gauges are read from the shared database by every replica, so any one
 replica's scrape shows the whole queue, not its own share.
+
+With `smtp.processes` above 1 the processes of one relay write their samples to files in
+`PROMETHEUS_MULTIPROC_DIR` (prometheus_client's multiprocess mode, chosen before this module
+is imported) and /metrics adds them up. Each gauge says how: figures read from the database
+or about the whole relay take the latest value written (`mostrecent`), per-process counts
+add up over the processes alive (`livesum`). Counters and histograms always add up.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ provider_health = Gauge(
     "provider_health",
     "1 while the provider's circuit is closed (in rotation), 0 while open or probing.",
     ["provider"],
+    multiprocess_mode="mostrecent",
 )
 errors_total = Counter(
     "errors_total",
@@ -41,21 +48,32 @@ errors_total = Counter(
     ["type"],
 )
 email_queue_depth = Gauge(
-    "email_queue_depth", "Messages queued or being delivered, across all replicas."
+    "email_queue_depth",
+    "Messages queued or being delivered, across all replicas.",
+    multiprocess_mode="mostrecent",
 )
 email_queue_messages = Gauge(
-    "email_queue_messages", "Messages in the queue database by status.", ["status"]
+    "email_queue_messages",
+    "Messages in the queue database by status.",
+    ["status"],
+    multiprocess_mode="mostrecent",
 )
 email_queue_oldest_age_seconds = Gauge(
-    "email_queue_oldest_age_seconds", "Age of the oldest message not yet delivered."
+    "email_queue_oldest_age_seconds",
+    "Age of the oldest message not yet delivered.",
+    multiprocess_mode="mostrecent",
 )
 rate_limit_remaining = Gauge(
     "rate_limit_remaining",
     "Tokens left in the workspace's per-second bucket on this replica.",
     ["workspace"],
+    multiprocess_mode="livesum",
 )
 rate_limit_burst = Gauge(
-    "rate_limit_burst", "The workspace's bucket size (with any override).", ["workspace"]
+    "rate_limit_burst",
+    "The workspace's bucket size (with any override).",
+    ["workspace"],
+    multiprocess_mode="mostrecent",
 )
 rate_limit_rejections_total = Counter(
     "rate_limit_rejections_total",
@@ -65,12 +83,16 @@ rate_limit_rejections_total = Counter(
 smtp_replies_total = Counter(
     "smtp_replies_total", "SMTP replies sent, by class (2xx, 4xx, 5xx).", ["class"]
 )
-smtp_sessions = Gauge("smtp_sessions", "Open SMTP sessions on this replica.")
+smtp_sessions = Gauge(
+    "smtp_sessions", "Open SMTP sessions on this replica.", multiprocess_mode="livesum"
+)
 smtp_messages_accepted_total = Counter(
     "smtp_messages_accepted_total",
     "Messages committed to the queue and answered 250.",
     ["workspace"],
 )
 maintenance_mode = Gauge(
-    "maintenance_mode", "1 while new SMTP sessions are refused for maintenance."
+    "maintenance_mode",
+    "1 while new SMTP sessions are refused for maintenance.",
+    multiprocess_mode="mostrecent",
 )

@@ -7,7 +7,8 @@ import contextlib
 import json
 import logging
 import signal
-from collections.abc import Iterator
+import socket
+from collections.abc import Callable, Iterator
 
 import uvicorn
 
@@ -22,6 +23,7 @@ from relay.ingest.handler import IngestHandler
 from relay.ingest.protocol import Gate
 from relay.ingest.server import IngestServer
 from relay.logs import event
+from relay.processes import IngestProcesses, WakePipe
 from relay.queue import create_store
 
 log = logging.getLogger("relay.service")
@@ -40,17 +42,38 @@ class _EmbeddedHttpServer(uvicorn.Server):
 
 
 class RelayService:
-    def __init__(self, settings: Settings) -> None:
+    """One relay process.
+
+    The first (and usually only) process binds the listeners, migrates the queue, runs
+    delivery and HTTP, and starts `smtp.processes - 1` extra ones (relay.processes). An
+    extra process is this class with `inherited` sockets: SMTP ingest and the maintenance
+    gate only, telling the first process through `on_queued` that mail arrived.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        config_text: str | None = None,
+        inherited: list[tuple[str, socket.socket]] | None = None,
+        on_queued: Callable[[], None] | None = None,
+    ) -> None:
         self.settings = settings
+        self.config_text = config_text
+        self.primary = inherited is None
         self.store = create_store(settings)
-        self.providers = build_providers(settings)
+        self.providers = build_providers(settings) if self.primary else {}
         self.router = Router(self.providers, settings)
         self.gate = Gate()
-        self.handler = IngestHandler(self.store, settings, gate=self.gate, on_queued=self.wake)
+        self.handler = IngestHandler(
+            self.store, settings, gate=self.gate, on_queued=on_queued or self.wake
+        )
         self.engine = DeliveryEngine(
             self.store, self.router, settings.delivery, bounces=self.handler.bounces
         )
-        self.ingest = IngestServer(self.handler, settings.smtp, self.gate)
+        self.ingest = IngestServer(self.handler, settings.smtp, self.gate, inherited=inherited)
+        self.ingest_processes: IngestProcesses | None = None
+        self._wake_pipe: WakePipe | None = None
         self.draining = False
         self._http: _EmbeddedHttpServer | None = None
         self._http_task: asyncio.Task[None] | None = None
@@ -71,6 +94,11 @@ class RelayService:
 
     async def start(self) -> None:
         await self.store.open()
+        if not self.primary:
+            await self._observe()
+            await self.ingest.start()
+            self._monitor_task = asyncio.create_task(self._monitor(), name="monitor")
+            return
         applied = await self.store.migrate()
         if applied:
             event(log, "queue.migrated", backend=self.store.backend, versions=applied)
@@ -80,6 +108,8 @@ class RelayService:
         if self.settings.http.enabled:
             await self._start_http()
         await self.ingest.start()
+        if self.settings.smtp.processes > 1:
+            await self._start_ingest_processes()
         self._monitor_task = asyncio.create_task(self._monitor(), name="monitor")
         event(
             log,
@@ -87,6 +117,17 @@ class RelayService:
             backend=self.store.backend,
             providers=",".join(self.settings.delivery.providers),
         )
+
+    async def _start_ingest_processes(self) -> None:
+        self._wake_pipe = WakePipe()
+        self._wake_pipe.listen(self.wake)
+        self.ingest_processes = IngestProcesses(
+            self.settings.smtp.processes - 1,
+            self.config_text,
+            self.ingest.listening(),
+            self._wake_pipe.write_fd,
+        )
+        await self.ingest_processes.start()
 
     async def _start_http(self) -> None:
         config = uvicorn.Config(
@@ -140,6 +181,24 @@ class RelayService:
             if state is not None:
                 wanted = json.loads(state[0])
                 self._apply_maintenance(bool(wanted.get("enabled")), wanted.get("message"))
+        except Exception as exc:
+            metrics.errors_total.labels("store").inc()
+            event(log, "monitor.failed", logging.WARNING, error=exc.__class__.__name__)
+        if self.primary:
+            await self._observe_queue()
+        share = self.settings.smtp.processes
+        for workspace in set(self.settings.workspaces) | {self.settings.smtp.workspace}:
+            limits = self.settings.workspace(workspace).limits
+            remaining = self.handler.limiter.remaining(workspace)
+            metrics.rate_limit_burst.labels(workspace).set(limits.rate_limit_burst)
+            metrics.rate_limit_remaining.labels(workspace).set(
+                max(1.0, limits.rate_limit_burst / share) if remaining is None else remaining
+            )
+        metrics.smtp_sessions.set(len(self.gate.sessions))
+
+    async def _observe_queue(self) -> None:
+        """Gauges of the whole queue and the providers: the first process's to keep."""
+        try:
             now = utcnow()
             stats = await self.store.stats(now=now)
             await self.handler.bounces.observe_gauges()
@@ -154,14 +213,6 @@ class RelayService:
             metrics.email_queue_oldest_age_seconds.set(age)
         for entry in self.router.health():
             metrics.provider_health.labels(entry["provider"]).set(1 if entry["healthy"] else 0)
-        for workspace in set(self.settings.workspaces) | {self.settings.smtp.workspace}:
-            limits = self.settings.workspace(workspace).limits
-            remaining = self.handler.limiter.remaining(workspace)
-            metrics.rate_limit_burst.labels(workspace).set(limits.rate_limit_burst)
-            metrics.rate_limit_remaining.labels(workspace).set(
-                limits.rate_limit_burst if remaining is None else remaining
-            )
-        metrics.smtp_sessions.set(len(self.gate.sessions))
 
     async def stop(self) -> None:
         grace = self.settings.delivery.shutdown_grace.total_seconds()
@@ -170,7 +221,14 @@ class RelayService:
         if self._monitor_task is not None:
             self._monitor_task.cancel()
             await asyncio.gather(self._monitor_task, return_exceptions=True)
+        if self.ingest_processes is not None:
+            # The extra processes drain alongside this one, not after it.
+            self.ingest_processes.signal_stop()
         await self.ingest.drain(grace)
+        if self.ingest_processes is not None:
+            await self.ingest_processes.wait(grace)
+        if self._wake_pipe is not None:
+            self._wake_pipe.close()
         await self.engine.stop()
         await self.router.close()
         if self._http is not None and self._http_task is not None:

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Protocol
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from pydantic import BaseModel, ConfigDict, Field
 
 from relay import __version__
@@ -29,6 +29,7 @@ from relay.ingest.handler import IngestHandler
 from relay.ingest.protocol import Gate
 from relay.limits import Override
 from relay.logs import event
+from relay.processes import multiprocess_metrics
 from relay.queue.sql import SqlStore
 
 log = logging.getLogger("relay.api")
@@ -268,7 +269,12 @@ def create_app(relay: RelayView) -> FastAPI:
 
     @app.get("/metrics", tags=["probes"], summary="Prometheus metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        if not multiprocess_metrics():
+            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        # Every process's samples, added up as each metric's multiprocess mode says.
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     # Reading
 
@@ -440,6 +446,17 @@ async def _health(relay: RelayView) -> Health:
             status = "degraded"
     if states and not any(entry["healthy"] for entry in states.values()) and status == "healthy":
         status = "degraded"
+
+    extra = getattr(relay, "ingest_processes", None)
+    if extra is not None:
+        # The first process still accepts on the shared sockets: fewer processes is less
+        # capacity, not an outage.
+        message = f"{extra.running + 1} of {extra.count + 1} running, {extra.restarts} restarts"
+        if extra.running < extra.count:
+            checks["ingest_processes"] = Check(status="unhealthy", message=message)
+            status = "degraded" if status == "healthy" else status
+        else:
+            checks["ingest_processes"] = Check(status="healthy", message=message)
 
     if "database" in checks and checks["database"].status == "healthy":
         depth = (await relay.store.stats(now=utcnow())).depth()

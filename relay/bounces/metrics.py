@@ -19,6 +19,7 @@ suppressions_total = Counter(
 suppressed_recipients = Gauge(
     "suppressed_recipients",
     "INACTIVE addresses in all workspaces, read from the shared database.",
+    multiprocess_mode="mostrecent",
 )
 suppressed_rcpt_total = Counter(
     "suppressed_rcpt_total",

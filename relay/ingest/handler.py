@@ -66,7 +66,7 @@ class IngestHandler:
         self.gate = gate
         self.on_queued = on_queued
         self.authenticator = Authenticator(settings)
-        self.limiter = RateLimiter()
+        self.limiter = RateLimiter(share=settings.smtp.processes)
         self.overrides = OverrideCache()
         self.bounces = BounceProcessor(store, settings)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
+import socket
 import ssl
 from pathlib import Path
 
@@ -49,11 +51,46 @@ class ReloadingTlsContext:
         self._stamp = stamp
 
 
+def process_share(settings: SmtpSettings) -> SmtpSettings:
+    """One process's part of the connection limits when `processes` share the sockets.
+
+    Rounded up, so the limits together are never below the configured ones; a client whose
+    sessions all land on one process meets its per-client limit early.
+    """
+    if settings.processes == 1:
+        return settings
+    n = settings.processes
+    return settings.model_copy(
+        update={
+            "max_connections": math.ceil(settings.max_connections / n),
+            "max_connections_per_ip": math.ceil(settings.max_connections_per_ip / n),
+        }
+    )
+
+
 class IngestServer:
-    def __init__(self, handler: IngestHandler, settings: SmtpSettings, gate: Gate) -> None:
+    """The SMTP listeners of one process.
+
+    The first process of a relay binds them; extra ingest processes (`smtp.processes`)
+    are handed the same sockets (`inherited`) and accept from the same queues, so a
+    connection waits for whichever process is free and none is lost when one exits.
+    """
+
+    PLAIN = "plain"
+    IMPLICIT_TLS = "implicit-tls"
+
+    def __init__(
+        self,
+        handler: IngestHandler,
+        settings: SmtpSettings,
+        gate: Gate,
+        *,
+        inherited: list[tuple[str, socket.socket]] | None = None,
+    ) -> None:
         self.handler = handler
-        self.settings = settings
+        self.settings = process_share(settings)
         self.gate = gate
+        self.inherited = inherited
         self.tls: ReloadingTlsContext | None = None
         if settings.tls.cert_file and settings.tls.key_file:
             self.tls = ReloadingTlsContext(settings.tls.cert_file, settings.tls.key_file)
@@ -91,7 +128,19 @@ class IngestServer:
             loop=asyncio.get_running_loop(),
         )
 
+    def listening(self) -> list[tuple[str, int]]:
+        """The bound sockets' descriptors, by kind, for extra processes to accept from."""
+        kinds = (self.PLAIN, self.IMPLICIT_TLS)
+        return [
+            (kind, sock.fileno())
+            for kind, server in zip(kinds, self._servers, strict=False)
+            for sock in server.sockets
+        ]
+
     async def start(self) -> None:
+        if self.inherited is not None:
+            await self._serve_inherited(self.inherited)
+            return
         loop = asyncio.get_running_loop()
         host, tls = self.settings.host, self.settings.tls
         self._servers.append(
@@ -111,6 +160,17 @@ class IngestServer:
                 )
             )
             event(log, "smtp.listening", host=host, port=self.implicit_tls_port, tls="implicit")
+
+    async def _serve_inherited(self, sockets: list[tuple[str, socket.socket]]) -> None:
+        loop = asyncio.get_running_loop()
+        for kind, sock in sockets:
+            tls = None
+            if kind == self.IMPLICIT_TLS:
+                if self.tls is None:
+                    raise RuntimeError("an implicit-TLS socket was passed without a certificate")
+                tls = self.tls.context
+            self._servers.append(await loop.create_server(self._protocol, sock=sock, ssl=tls))
+            event(log, "smtp.listening", port=sock.getsockname()[1], kind=kind, inherited=True)
 
     async def drain(self, grace_s: float) -> None:
         """Refuse new transactions, let the ones in flight commit, then close every session."""
