@@ -218,6 +218,8 @@ class Profiler:
                 "raw",
                 # Sample without pausing the relay, so it runs at its normal speed.
                 "--nonblocking",
+                # The relay's extra ingest processes (smtp.processes) too.
+                "--subprocesses",
                 "--output",
                 str(output),
             ],

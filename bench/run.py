@@ -40,6 +40,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=4096, help="message body bytes")
     parser.add_argument("--repeats", type=int, default=3, help="ingest rounds (medians)")
     parser.add_argument("--warmup", type=int, default=500, help="messages before each run")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="ingest and latency: the relay's smtp.processes (default: one per core)",
+    )
     parser.add_argument("--max-rate", type=float, help="latency: skip measuring the maximum")
     parser.add_argument("--latency-seconds", type=float, default=30.0)
     parser.add_argument("--connections", type=int, default=20, help="paced client sessions")
@@ -74,7 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in [n for n in os.environ if n.startswith("RELAY_")]:
         del os.environ[name]
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    bench = scenarios.Bench(artefacts=RESULTS / stamp, profile=args.profile, keep=args.keep)
+    bench = scenarios.Bench(
+        artefacts=RESULTS / stamp,
+        profile=args.profile,
+        keep=args.keep,
+        relay_processes=args.processes,
+    )
     report: dict[str, Any] = {
         "started": stamp,
         "command": " ".join(sys.argv),

@@ -55,6 +55,8 @@ class Bench:
     artefacts: Path
     profile: str = "auto"  # auto: profile where a target is missed; always; never
     keep: bool = False
+    # smtp.processes of the relays in the ingest and latency runs.
+    relay_processes: int = 1
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="relay-bench-")))
     mariadb_settings: dict[str, str] = field(default_factory=dict)
     _mariadb: MariaDB | None = None
@@ -146,6 +148,7 @@ def ingest(
             "size": size,
             "repeats": repeats,
             "warmup": warmup,
+            "relay_processes": bench.relay_processes,
         },
         "relay_msg_per_s": round(relay, 1),
         "postfix_msg_per_s": round(postfix, 1),
@@ -243,6 +246,7 @@ def _relays_for_ingest(
             directory = bench.workdir(f"{name}-{n}")
             # delivery.enabled false: the relay holds what it accepts, like Postfix's hold.
             config = relay_config(server, database, directory)
+            config["smtp"]["processes"] = bench.relay_processes
             relays.append(RelayProcess.start(config, directory, name, loop=loop))
     except BaseException:
         for relay in relays:
@@ -271,7 +275,8 @@ def _ingest_relay(
         before = count_messages(server, database)
         counters = server_counters(server)
         pids = {f"relay{n}": relay.pid for n, relay in enumerate(relays)}
-        meter = CpuMeter({**pids, "mariadb": server.process.pid})
+        # A relay's tree: its extra ingest processes (smtp.processes) work for it too.
+        meter = CpuMeter({"mariadb": server.process.pid}, trees=pids)
         meter.start()
         run = smtp_source(ports, messages=messages, sessions=sessions, size=size)
         cpu = meter.stop({"smtp_source": run.cpu_seconds})
