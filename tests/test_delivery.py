@@ -370,3 +370,80 @@ async def test_the_return_path_is_a_verp_address(
     assert queue_id.lower() in dumped.mail_from.lower()
     assert service.handler.bounces.verp is not None
     assert service.handler.bounces.verp.owns(dumped.mail_from)
+
+
+async def test_outcomes_of_deliveries_finishing_together_share_commits(
+    start_relay: StartRelay, tmp_path: Path
+) -> None:
+    service = await start_relay(delivery={"worker_count": 10, "process_interval": "10s"})
+    groups: list[int] = []
+    complete_many = service.store.complete_many
+
+    async def counted(*, worker_id: str, outcomes: Any) -> list[bool]:
+        groups.append(len(outcomes))
+        return await complete_many(worker_id=worker_id, outcomes=outcomes)
+
+    service.store.complete_many = counted  # type: ignore[method-assign]
+    ids = []
+    for n in range(30):
+        message = NewMessage(
+            id=new_queue_id(),
+            workspace_id="default",
+            from_email="a@example.org",
+            recipients=(f"p{n}@example.net",),
+            subject="x",
+            content=b"Subject: x\r\n\r\nx\r\n",
+            queued_at=utcnow(),
+        )
+        await service.store.enqueue(message)
+        ids.append(message.id)
+    service.engine.wake()
+
+    for queue_id in ids:
+        found = await wait_for_status(service, queue_id, {"sent"})
+        assert [(r["delivery_status"], r["attempts"]) for r in found["recipients"]] == [("SENT", 1)]
+    # Every outcome committed once, and not each on its own.
+    assert sum(groups) == 30
+    assert max(groups) > 1
+    assert len(list((tmp_path / "outbox").glob("*.eml"))) == 30
+
+
+async def test_shutdown_commits_the_outcomes_still_waiting_for_their_group(
+    start_relay: StartRelay, tmp_path: Path
+) -> None:
+    """Workers cut off by the grace period while their outcomes wait for a slow commit:
+    the mail has left, so stop must record it as sent, not hand it back to be sent again."""
+    service = await start_relay(
+        delivery={"worker_count": 5, "process_interval": "10s", "shutdown_grace": "0.1s"}
+    )
+    complete_many = service.store.complete_many
+
+    async def slow(*, worker_id: str, outcomes: Any) -> list[bool]:
+        await asyncio.sleep(0.5)
+        return await complete_many(worker_id=worker_id, outcomes=outcomes)
+
+    service.store.complete_many = slow  # type: ignore[method-assign]
+    ids = []
+    for _ in range(5):
+        message = NewMessage(
+            id=new_queue_id(),
+            workspace_id="default",
+            from_email="a@example.org",
+            recipients=("b@example.net",),
+            subject="x",
+            content=b"Subject: x\r\n\r\nx\r\n",
+            queued_at=utcnow(),
+        )
+        await service.store.enqueue(message)
+        ids.append(message.id)
+    service.engine.wake()
+    deadline = asyncio.get_running_loop().time() + 10
+    while len(list((tmp_path / "outbox").glob("*.eml"))) < 5:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+
+    await service.engine.stop()
+
+    for queue_id in ids:
+        found = await service.store.message_status(queue_id)
+        assert found is not None and found["status"] == "sent"

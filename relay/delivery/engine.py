@@ -23,6 +23,7 @@ from relay import metrics
 from relay.bounces.suppression import BounceProcessor
 from relay.clock import utcnow
 from relay.config import DeliverySettings
+from relay.delivery.outcomes import OutcomeRecorder
 from relay.delivery.providers.base import Outcome
 from relay.delivery.retry import ProviderAttempt, RetryPolicy, decide
 from relay.delivery.routing import Router
@@ -65,6 +66,7 @@ class DeliveryEngine:
         self._tasks: list[asyncio.Task[None]] = []
         self._workers: list[asyncio.Task[None]] = []
         self._stopping = False
+        self.outcomes = OutcomeRecorder(store, self.worker_id)
 
     @property
     def held(self) -> int:
@@ -75,6 +77,7 @@ class DeliveryEngine:
         self._wake.set()
 
     async def start(self) -> None:
+        self.outcomes.reopen()
         self._tasks = [
             asyncio.create_task(self._dispatch(), name="delivery-dispatcher"),
             asyncio.create_task(self._keep_leases(), name="delivery-leases"),
@@ -106,6 +109,9 @@ class DeliveryEngine:
         for task in late:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
+        # Outcomes of finished deliveries still waiting for their group's commit, including
+        # those of workers the grace period cut off while they waited.
+        await self.outcomes.close()
         # Deliveries cut off by the grace period: the peer may or may not have the message.
         # Releasing it means it is sent again (at-least-once), never lost.
         await self._release(list(self._held))
@@ -288,9 +294,8 @@ class DeliveryEngine:
         deadline = time.monotonic() + self.settings.lease.total_seconds() / 2
         while True:
             try:
-                return await self.store.complete(
-                    worker_id=self.worker_id, message_id=message.id, result=result
-                )
+                # Committed with the outcomes other workers finished meanwhile.
+                return await self.outcomes.record(message.id, result)
             except StoreUnavailable:
                 if time.monotonic() > deadline:
                     raise

@@ -49,6 +49,10 @@ Statement = tuple[str, Sequence[Any]]
 # message); bigger ones are read when their turn comes, so a claimed batch of large
 # messages never sits in memory at once.
 PRELOAD_MAX_BYTES = 256 * 1024
+# Recipients' updates in one group of outcomes (complete_many), unless one message alone
+# has more: a bound on the size of one query, and on MySQL on the rows one UPDATE picks
+# its values for by CASE.
+MAX_GROUP_RECIPIENTS = 200
 # Recipient rows per multi-row INSERT: 5 parameters each, and SQLite allows 32,766 bound
 # parameters in one statement, while smtp.max_recipients has no upper bound.
 _RECIPIENTS_PER_INSERT = 1000
@@ -420,39 +424,42 @@ class SqlStore(abc.ABC):
             )
 
     async def complete(self, *, worker_id: str, message_id: str, result: AttemptResult) -> bool:
-        fence, updates = self._outcome_statements(worker_id, message_id, result)
+        [held] = await self.complete_many(worker_id=worker_id, outcomes=[(message_id, result)])
+        return held
+
+    async def complete_many(
+        self, *, worker_id: str, outcomes: Sequence[tuple[str, AttemptResult]]
+    ) -> list[bool]:
+        """Persist several attempts' outcomes in one transaction: all of them or none.
+
+        One entry per outcome, in order: False where the lease had been lost, and then
+        nothing of that outcome was written while the others were.
+        """
+        held: list[bool] = []
         async with self.transaction() as tx:
-            # Fencing: only the holder of the lease may record the outcome. If the lease
-            # expired and another worker took the message, this attempt's result is dropped
-            # and the other worker's stands.
-            if not await tx.execute(*fence):
-                return False
-            for sql, params in updates:
-                await tx.execute(sql, params)
-        return True
+            for message_id, result in outcomes:
+                fence, updates = self._outcome_statements(worker_id, message_id, result)
+                # Fencing: only the holder of the lease may record the outcome. If the lease
+                # expired and another worker took the message, this attempt's result is
+                # dropped and the other worker's stands.
+                if not await tx.execute(*fence):
+                    held.append(False)
+                    continue
+                for sql, params in updates:
+                    await tx.execute(sql, params)
+                held.append(True)
+        return held
 
     def _outcome_statements(
         self, worker_id: str, message_id: str, result: AttemptResult
     ) -> tuple[Statement, list[Statement]]:
         """The fenced update of the message, and one update per recipient."""
-        finished = self.to_db_time(result.finished_at)
-        next_attempt = (
-            self.to_db_time(result.next_attempt_at) if result.next_attempt_at else finished
-        )
+        message, recipients = self._outcome_values(result)
         fence = (
             "UPDATE messages SET status = ?, error = ?, retry_count = ?,"
             " next_attempt_at = ?, processed_at = ?, claimed_by = NULL,"
             " claim_expires_at = NULL WHERE id = ? AND claimed_by = ? AND status = ?",
-            (
-                result.status.value,
-                result.error,
-                result.retry_count,
-                next_attempt,
-                finished,
-                message_id,
-                worker_id,
-                MessageStatus.PROCESSING.value,
-            ),
+            (*message, message_id, worker_id, MessageStatus.PROCESSING.value),
         )
         updates: list[Statement] = [
             (
@@ -461,6 +468,27 @@ class SqlStore(abc.ABC):
                 " provider_message_id = COALESCE(?, provider_message_id),"
                 " sent_at = COALESCE(?, sent_at), attempts = attempts + 1, updated_at = ?"
                 " WHERE id = ? AND message_id = ?",
+                (*values, row_id, message_id),
+            )
+            for row_id, values in recipients
+        ]
+        return fence, updates
+
+    def _outcome_values(
+        self, result: AttemptResult
+    ) -> tuple[tuple[Any, ...], list[tuple[int, tuple[Any, ...]]]]:
+        """What an outcome writes, in the database's terms: the message's status, error,
+        retry_count, next_attempt_at and processed_at; per recipient row id, its
+        delivery_status, error, provider, provider_message_id, sent_at and updated_at (the
+        provider's fields and sent_at only replace NULL where given)."""
+        finished = self.to_db_time(result.finished_at)
+        next_attempt = (
+            self.to_db_time(result.next_attempt_at) if result.next_attempt_at else finished
+        )
+        message = (result.status.value, result.error, result.retry_count, next_attempt, finished)
+        recipients = [
+            (
+                update.row_id,
                 (
                     update.status.value,
                     update.error,
@@ -468,13 +496,11 @@ class SqlStore(abc.ABC):
                     update.provider_message_id,
                     self.to_db_time(update.sent_at) if update.sent_at else None,
                     finished,
-                    update.row_id,
-                    message_id,
                 ),
             )
             for update in result.recipients
         ]
-        return fence, updates
+        return message, recipients
 
     async def release(self, *, worker_id: str, message_ids: Sequence[str]) -> int:
         if not message_ids:

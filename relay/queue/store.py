@@ -43,6 +43,12 @@ class QueueStore(Protocol):
     async def complete(self, *, worker_id: str, message_id: str, result: AttemptResult) -> bool:
         """Persist an attempt's outcome; False when the lease had been lost meanwhile."""
 
+    async def complete_many(
+        self, *, worker_id: str, outcomes: Sequence[tuple[str, AttemptResult]]
+    ) -> list[bool]:
+        """Persist several outcomes (message id, result) in one transaction, all or none;
+        per outcome, in order, False when its lease had been lost (nothing of it written)."""
+
     async def release(self, *, worker_id: str, message_ids: Sequence[str]) -> int:
         """Hand claimed, unattempted messages back to the queue (shutdown)."""
 
