@@ -354,7 +354,7 @@ async def test_a_failing_statement_in_a_batch_leaves_nothing_written(
 async def test_one_trip_queries_end_their_transaction(
     queue_settings: dict[str, Any], tmp_path: Path
 ) -> None:
-    """read and write_all end their transaction within the same query. A read left open
+    """read, write_all and claim end their transaction within their last query. A read left open
     would hold its tables' metadata locks on a pooled connection (MariaDB does not even
     flag a read-only transaction as open, so aiomysql's pool would keep it as it is) and
     block every later ALTER TABLE: a migration would wait for it."""
@@ -369,6 +369,10 @@ async def test_one_trip_queries_end_their_transaction(
         await store.enqueue(message)
         assert await store.load_content(message.id) == message.content
         assert await store.suppressed_among("default", ["a@example.net"]) == {}
+        # A claim's two trips, and the one of a claim that finds nothing due.
+        [claimed] = await store.claim(worker_id="w", limit=5, lease=LEASE, now=utcnow())
+        assert [r.address for r in claimed.recipients] == ["a@example.net", "b@example.net"]
+        assert await store.claim(worker_id="w", limit=5, lease=LEASE, now=utcnow()) == []
         # The same connection is still there: nothing was closed to end a transaction.
         assert pool.freesize == 1 and next(iter(pool._free)) is connection
         async with other.transaction() as tx:

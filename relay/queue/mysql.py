@@ -198,8 +198,8 @@ class MysqlStore(SqlStore):
 
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         # The query and the COMMIT that ends its implicit transaction, in one round trip.
-        rows, _ = await self._one_trip([(sql, params), ("COMMIT", ())])
-        return rows
+        results, _ = await self._one_trip([(sql, params), ("COMMIT", ())])
+        return results[0]
 
     async def complete(self, *, worker_id: str, message_id: str, result: AttemptResult) -> bool:
         # One round trip instead of one per statement: the recipients' updates apply only
@@ -229,8 +229,8 @@ class MysqlStore(SqlStore):
         message_ids = [message_id for message_id, _ in outcomes]
         if len(set(message_ids)) != len(message_ids):
             raise ValueError("a group holds one outcome per message")
-        rows, _ = await self._one_trip(self._group_statements(worker_id, outcomes))
-        held = {str(row[0]) for row in rows}
+        results, _ = await self._one_trip(self._group_statements(worker_id, outcomes))
+        held = {str(row[0]) for row in results[0]}
         return [message_id in held for message_id in message_ids]
 
     def _group_statements(
@@ -290,26 +290,13 @@ class MysqlStore(SqlStore):
         ]
         return statements
 
-    async def _one_trip(self, statements: Sequence[Statement]) -> tuple[list[Row], int]:
-        """Send the statements as one query; the rows of every statement that returns rows
-        (in order) and the first statement's affected row count.
+    async def _one_trip(self, statements: Sequence[Statement]) -> tuple[list[list[Row]], int]:
+        """Send the statements as one query (see _send) on a connection of their own.
 
         Rolled back on failure (the COMMIT, if it is the last statement, was not reached).
         """
-        sql = ";\n".join(_dialect(text) for text, _ in statements)
-        params = [value for _, values in statements for value in values]
         async with self._cursor() as cursor:
-            # Interpolated here rather than by aiomysql, for the raw message's sake: see
-            # _binary_literal. Executed without arguments, so nothing is done twice.
-            literals = tuple(_literal(cursor.connection, value) for value in params)
-            await cursor.execute(sql % literals)
-            first = int(cursor.rowcount)
-            rows = [tuple(row) for row in await cursor.fetchall() or ()]
-            # Every result must be read (the failure of a later statement surfaces here)
-            # before the connection can take another query.
-            while await cursor.nextset():
-                rows.extend(tuple(row) for row in await cursor.fetchall() or ())
-        return rows, first
+            return await _send(cursor, statements)
 
     @asynccontextmanager
     async def migration_lock(self) -> AsyncIterator[None]:
@@ -329,23 +316,64 @@ class MysqlStore(SqlStore):
     def from_db_time(self, value: Any) -> datetime:
         return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
 
-    async def _claim_rows(
-        self, tx: Tx, *, worker_id: str, limit: int, until: datetime, now: datetime
-    ) -> list[Row]:
-        rows = await tx.fetchall(
-            f"SELECT {self._CLAIM_COLUMNS} FROM messages FORCE INDEX (idx_status_next_attempt)"
-            " WHERE status = ? AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?"
-            " FOR UPDATE SKIP LOCKED",
-            (MessageStatus.QUEUED.value, now, limit),
-        )
-        if rows:
-            ids = [row[0] for row in rows]
-            await tx.execute(
-                "UPDATE messages SET status = ?, claimed_by = ?, claim_expires_at = ?,"
-                f" processed_at = ? WHERE id IN ({', '.join('?' * len(ids))})",
-                (MessageStatus.PROCESSING.value, worker_id, until, now, *ids),
+    async def _claim_batch(
+        self, *, worker_id: str, limit: int, until: datetime, now: datetime
+    ) -> tuple[list[Row], list[Row], list[Row]]:
+        # Two round trips instead of one per statement: the due messages, locked (SKIP
+        # LOCKED: replicas claiming at the same moment take disjoint rows), then their
+        # lease, their recipients, their contents and the COMMIT as one query.
+        async with self._cursor() as cursor:
+            [rows], _ = await _send(
+                cursor,
+                [
+                    (
+                        f"SELECT {self._CLAIM_COLUMNS} FROM messages"
+                        " FORCE INDEX (idx_status_next_attempt) WHERE status = ?"
+                        " AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?"
+                        " FOR UPDATE SKIP LOCKED",
+                        (MessageStatus.QUEUED.value, now, limit),
+                    )
+                ],
             )
-        return rows
+            if not rows:
+                await cursor.connection.commit()
+                return [], [], []
+            ids = [row[0] for row in rows]
+            recipients, contents = self._claimed_reads(rows)
+            results, _ = await _send(
+                cursor,
+                [
+                    (
+                        "UPDATE messages SET status = ?, claimed_by = ?, claim_expires_at = ?,"
+                        f" processed_at = ? WHERE id IN ({', '.join('?' * len(ids))})",
+                        (MessageStatus.PROCESSING.value, worker_id, until, now, *ids),
+                    ),
+                    recipients,
+                    *([contents] if contents else []),
+                    ("COMMIT", ()),
+                ],
+            )
+        return rows, results[1], results[2] if contents else []
+
+
+async def _send(
+    cursor: aiomysql.Cursor, statements: Sequence[Statement]
+) -> tuple[list[list[Row]], int]:
+    """Send the statements as one query; the rows of each (none for a statement that returns
+    none) and the first one's affected row count."""
+    sql = ";\n".join(_dialect(text) for text, _ in statements)
+    params = [value for _, values in statements for value in values]
+    # Interpolated here rather than by aiomysql, for the raw message's sake: see
+    # _binary_literal. Executed without arguments, so nothing is done twice.
+    literals = tuple(_literal(cursor.connection, value) for value in params)
+    await cursor.execute(sql % literals)
+    first = int(cursor.rowcount)
+    results = [[tuple(row) for row in await cursor.fetchall() or ()]]
+    # Every result must be read (the failure of a later statement surfaces here) before
+    # the connection can take another query.
+    while await cursor.nextset():
+        results.append([tuple(row) for row in await cursor.fetchall() or ()])
+    return results, first
 
 
 # PyMySQL's escapes for a quoted literal (converters._escape_table), backslash first.

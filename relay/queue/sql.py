@@ -109,10 +109,11 @@ class SqlStore(abc.ABC):
     def from_db_time(self, value: Any) -> datetime: ...
 
     @abc.abstractmethod
-    async def _claim_rows(
-        self, tx: Tx, *, worker_id: str, limit: int, until: datetime, now: datetime
-    ) -> list[Row]:
-        """Lease due messages inside tx; rows are the _CLAIM_COLUMNS of each."""
+    async def _claim_batch(
+        self, *, worker_id: str, limit: int, until: datetime, now: datetime
+    ) -> tuple[list[Row], list[Row], list[Row]]:
+        """Lease up to `limit` due messages in one transaction: the _CLAIM_COLUMNS of each,
+        then the rows of the two _claimed_reads (no contents' rows when it has none)."""
 
     @abc.abstractmethod
     def migration_lock(self) -> AbstractAsyncContextManager[None]:
@@ -174,60 +175,7 @@ class SqlStore(abc.ABC):
     # Ingest
 
     async def enqueue(self, message: NewMessage) -> None:
-        queued_at = self.to_db_time(message.queued_at)
-        suppressed = dict(message.suppressed)
-        status = MessageStatus.QUEUED
-        if suppressed and all(address in suppressed for address in message.recipients):
-            status = MessageStatus.BOUNCED  # nothing to send: never claimed
-        statements: list[Statement] = [
-            (
-                "INSERT INTO messages (id, workspace_id, from_email, to_emails, subject,"
-                " status, retry_count, size_bytes, mail_options, client_address, queued_at,"
-                " next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)",
-                (
-                    message.id,
-                    message.workspace_id,
-                    message.from_email,
-                    json.dumps(list(message.recipients), ensure_ascii=False),
-                    message.subject,
-                    status.value,
-                    len(message.content),
-                    " ".join(message.mail_options),
-                    message.client_address,
-                    queued_at,
-                    queued_at,
-                ),
-            ),
-            (
-                "INSERT INTO message_contents (message_id, raw) VALUES (?, ?)",
-                (message.id, message.content),
-            ),
-        ]
-        recipients = list(message.recipients)
-        for first in range(0, len(recipients), _RECIPIENTS_PER_INSERT):
-            chunk = recipients[first : first + _RECIPIENTS_PER_INSERT]
-            statements.append(
-                (
-                    "INSERT INTO message_recipients (message_id, email_address,"
-                    " delivery_status, bounce_reason, updated_at) VALUES "
-                    + ", ".join(["(?, ?, ?, ?, ?)"] * len(chunk)),
-                    [
-                        value
-                        for address in chunk
-                        for value in (
-                            message.id,
-                            address,
-                            (
-                                DeliveryStatus.BOUNCED
-                                if address in suppressed
-                                else DeliveryStatus.QUEUED
-                            ).value,
-                            suppressed.get(address),
-                            queued_at,
-                        )
-                    ],
-                )
-            )
+        statements = self._enqueue_statements([message])
         if message.quota is None:
             # The common case: the whole commit in one round trip (docs/benchmarks.md).
             await self.write_all(statements)
@@ -237,6 +185,73 @@ class SqlStore(abc.ABC):
                 await tx.execute(sql, params)
             # A quota charge depends on what the updates find: statement by statement.
             await self._charge(tx, message.quota)
+
+    async def enqueue_group(self, messages: Sequence[NewMessage]) -> None:
+        """Several messages in one transaction: all of them are queued, or none.
+
+        Three multi-row INSERTs and one COMMIT, in one round trip where the backend can
+        (relay.queue.group). Messages with a quota charge go one by one (`enqueue`).
+        """
+        if any(message.quota is not None for message in messages):
+            raise ValueError("a message with a quota charge is enqueued on its own")
+        await self.write_all(self._enqueue_statements(messages))
+
+    def _enqueue_statements(self, messages: Sequence[NewMessage]) -> list[Statement]:
+        rows: list[Any] = []
+        contents: list[Any] = []
+        recipient_rows: list[tuple[Any, ...]] = []
+        for message in messages:
+            queued_at = self.to_db_time(message.queued_at)
+            suppressed = dict(message.suppressed)
+            status = MessageStatus.QUEUED
+            if suppressed and all(address in suppressed for address in message.recipients):
+                status = MessageStatus.BOUNCED  # nothing to send: never claimed
+            rows += (
+                message.id,
+                message.workspace_id,
+                message.from_email,
+                json.dumps(list(message.recipients), ensure_ascii=False),
+                message.subject,
+                status.value,
+                len(message.content),
+                " ".join(message.mail_options),
+                message.client_address,
+                queued_at,
+                queued_at,
+            )
+            contents += (message.id, message.content)
+            for address in message.recipients:
+                delivery = (
+                    DeliveryStatus.BOUNCED if address in suppressed else DeliveryStatus.QUEUED
+                )
+                recipient_rows.append(
+                    (message.id, address, delivery.value, suppressed.get(address), queued_at)
+                )
+        statements: list[Statement] = [
+            (
+                "INSERT INTO messages (id, workspace_id, from_email, to_emails, subject,"
+                " status, retry_count, size_bytes, mail_options, client_address, queued_at,"
+                " next_attempt_at) VALUES "
+                + ", ".join(["(?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)"] * len(messages)),
+                rows,
+            ),
+            (
+                "INSERT INTO message_contents (message_id, raw) VALUES "
+                + ", ".join(["(?, ?)"] * len(messages)),
+                contents,
+            ),
+        ]
+        for first in range(0, len(recipient_rows), _RECIPIENTS_PER_INSERT):
+            chunk = recipient_rows[first : first + _RECIPIENTS_PER_INSERT]
+            statements.append(
+                (
+                    "INSERT INTO message_recipients (message_id, email_address,"
+                    " delivery_status, bounce_reason, updated_at) VALUES "
+                    + ", ".join(["(?, ?, ?, ?, ?)"] * len(chunk)),
+                    [value for row in chunk for value in row],
+                )
+            )
+        return statements
 
     async def _charge(self, tx: Tx, charge: QuotaCharge) -> None:
         # The row update is conditional, so two replicas racing for the last of a quota
@@ -357,31 +372,11 @@ class SqlStore(abc.ABC):
     async def claim(
         self, *, worker_id: str, limit: int, lease: timedelta, now: datetime
     ) -> list[ClaimedMessage]:
-        async with self.transaction() as tx:
-            rows = await self._claim_rows(
-                tx, worker_id=worker_id, limit=limit, until=now + lease, now=now
-            )
-            if not rows:
-                return []
-            ids = [row[0] for row in rows]
-            recipient_rows = await tx.fetchall(
-                "SELECT id, message_id, email_address FROM message_recipients"
-                f" WHERE message_id IN ({_placeholders(len(ids))})"
-                " AND delivery_status IN (?, ?) ORDER BY id",
-                (*ids, *(status.value for status in PENDING)),
-            )
-            small = [row[0] for row in rows if int(row[5]) <= PRELOAD_MAX_BYTES]
-            contents: dict[str, bytes] = {}
-            if small:
-                contents = {
-                    message_id: bytes(raw)
-                    for message_id, raw in await tx.fetchall(
-                        "SELECT message_id, raw FROM message_contents"
-                        f" WHERE message_id IN ({_placeholders(len(small))})",
-                        small,
-                    )
-                }
-        pending: dict[str, list[PendingRecipient]] = {message_id: [] for message_id in ids}
+        rows, recipient_rows, content_rows = await self._claim_batch(
+            worker_id=worker_id, limit=limit, until=now + lease, now=now
+        )
+        contents = {message_id: bytes(raw) for message_id, raw in content_rows}
+        pending: dict[str, list[PendingRecipient]] = {row[0]: [] for row in rows}
         for row_id, message_id, address in recipient_rows:
             pending[message_id].append(PendingRecipient(int(row_id), address))
         return [
@@ -398,6 +393,26 @@ class SqlStore(abc.ABC):
             )
             for row in rows
         ]
+
+    def _claimed_reads(self, rows: Sequence[Row]) -> tuple[Statement, Statement | None]:
+        """What a claim reads of the messages it leased: their pending recipients (row id,
+        message id, address), and the contents (message id, raw) of the small ones."""
+        ids = [row[0] for row in rows]
+        recipients = (
+            "SELECT id, message_id, email_address FROM message_recipients"
+            f" WHERE message_id IN ({_placeholders(len(ids))})"
+            " AND delivery_status IN (?, ?) ORDER BY id",
+            (*ids, *(status.value for status in PENDING)),
+        )
+        small = [row[0] for row in rows if int(row[5]) <= PRELOAD_MAX_BYTES]
+        if not small:
+            return recipients, None
+        contents = (
+            "SELECT message_id, raw FROM message_contents"
+            f" WHERE message_id IN ({_placeholders(len(small))})",
+            small,
+        )
+        return recipients, contents
 
     async def load_content(self, message_id: str) -> bytes:
         rows = await self.read(

@@ -108,21 +108,30 @@ class SqliteStore(SqlStore):
     def from_db_time(self, value: Any) -> datetime:
         return value if isinstance(value, datetime) else datetime.fromisoformat(value)
 
-    async def _claim_rows(
-        self, tx: Tx, *, worker_id: str, limit: int, until: datetime, now: datetime
-    ) -> list[Row]:
-        return await tx.fetchall(
-            "UPDATE messages SET status = ?, claimed_by = ?, claim_expires_at = ?,"
-            " processed_at = ? WHERE id IN (SELECT id FROM messages WHERE status = ?"
-            " AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?)"
-            f" RETURNING {self._CLAIM_COLUMNS}",
-            (
-                MessageStatus.PROCESSING.value,
-                worker_id,
-                self.to_db_time(until),
-                self.to_db_time(now),
-                MessageStatus.QUEUED.value,
-                self.to_db_time(now),
-                limit,
-            ),
-        )
+    async def _claim_batch(
+        self, *, worker_id: str, limit: int, until: datetime, now: datetime
+    ) -> tuple[list[Row], list[Row], list[Row]]:
+        async with self.transaction() as tx:
+            rows = await tx.fetchall(
+                "UPDATE messages SET status = ?, claimed_by = ?, claim_expires_at = ?,"
+                " processed_at = ? WHERE id IN (SELECT id FROM messages WHERE status = ?"
+                " AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?)"
+                f" RETURNING {self._CLAIM_COLUMNS}",
+                (
+                    MessageStatus.PROCESSING.value,
+                    worker_id,
+                    self.to_db_time(until),
+                    self.to_db_time(now),
+                    MessageStatus.QUEUED.value,
+                    self.to_db_time(now),
+                    limit,
+                ),
+            )
+            if not rows:
+                return [], [], []
+            recipients, contents = self._claimed_reads(rows)
+            return (
+                rows,
+                await tx.fetchall(*recipients),
+                await tx.fetchall(*contents) if contents else [],
+            )
