@@ -447,3 +447,36 @@ async def test_shutdown_commits_the_outcomes_still_waiting_for_their_group(
     for queue_id in ids:
         found = await service.store.message_status(queue_id)
         assert found is not None and found["status"] == "sent"
+
+
+async def test_a_send_that_outlasts_the_attempt_timeout_is_cut_off(
+    start_relay: StartRelay,
+) -> None:
+    """A smarthost that accepts the connection and never greets: the provider would wait
+    its own 30 s; delivery.attempt_timeout ends the attempt first and the mail stays queued."""
+    silent: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        service = await start_relay(
+            providers={"smarthost": smarthost(port, timeout="30s")},
+            delivery={"providers": ["smarthost"], "attempt_timeout": "1s"},
+        )
+        queue_id = await submit(
+            service.smtp_port, "a@example.org", ["b@example.net"], b"Subject: x\r\n\r\nx\r\n"
+        )
+        deadline = asyncio.get_running_loop().time() + 10
+        while (found := await service.store.message_status(queue_id)) and not found["error"]:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        assert found["status"] == "queued"
+        assert found["error"].endswith("smarthost: no answer within 1s")
+    finally:
+        for writer in silent:
+            writer.close()
+        server.close()
+        await server.wait_closed()

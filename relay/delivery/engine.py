@@ -163,8 +163,11 @@ class DeliveryEngine:
                     self._buffer.put_nowait(message)
                 if len(claimed) == limit:
                     continue
+            # Woken at every delivery's end: asyncio.timeout rather than wait_for, which
+            # would start a task for every wait.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=interval)
+                async with asyncio.timeout(interval):
+                    await self._wake.wait()
 
     async def _keep_leases(self) -> None:
         period = self.settings.lease.total_seconds() / 3

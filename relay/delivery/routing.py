@@ -217,10 +217,11 @@ class Router:
     ) -> Sequence[RecipientResult]:
         async with route.slots:
             await route.pace()
+            # asyncio.timeout, not wait_for: wait_for (Python 3.11) runs the send as a task
+            # of its own, a task and its scheduling for every message.
             try:
-                return await asyncio.wait_for(
-                    route.provider.send(envelope, content), timeout=self.attempt_timeout_s
-                )
+                async with asyncio.timeout(self.attempt_timeout_s):
+                    return await route.provider.send(envelope, content)
             except TimeoutError:
                 raise ProviderError(
                     f"{route.provider.name}: no answer within {self.attempt_timeout_s:.0f}s"
