@@ -58,6 +58,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         help="drain: delivery.worker_count, and the sink provider's connections and"
         " max_concurrency to match (default: the relay's defaults, 10 workers, 8 connections)",
     )
+    parser.add_argument(
+        "--sink-connections",
+        type=int,
+        help="drain: the sink provider's max_connections alone (default: --workers if given,"
+        " else the provider's default, 8)",
+    )
     parser.add_argument("--batch", type=int, help="drain: delivery.batch_size")
     parser.add_argument("--memory-rate", type=float, default=scenarios.MEMORY_RATE_TARGET)
     parser.add_argument("--soak", type=float, default=max(60.0, 600 * scale), help="seconds")
@@ -160,6 +166,7 @@ def _run(
             providers=[p for p in args.drain_providers.split(",") if p],
             repeats=args.drain_repeats,
             delivery=delivery,
+            sink_connections=args.sink_connections,
         )
     return scenarios.memory(
         bench,

@@ -434,12 +434,14 @@ def drain(
     providers: list[str],
     delivery: dict[str, Any],
     repeats: int,
+    sink_connections: int | None = None,
 ) -> dict[str, Any]:
     results: dict[str, Any] = {
         "parameters": {
             "backlog": backlog,
             "size": size,
             "delivery": delivery or "defaults",
+            "sink_connections": sink_connections or delivery.get("worker_count") or "default",
             "repeats": repeats,
         },
         "target": f">= {DRAIN_TARGET_MSG_S:.0f} msg/s",
@@ -447,7 +449,14 @@ def drain(
     runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in providers}
     for round_ in range(repeats):
         for kind in providers:
-            run = _drain_once(bench, kind, backlog=backlog, size=size, delivery=delivery)
+            run = _drain_once(
+                bench,
+                kind,
+                backlog=backlog,
+                size=size,
+                delivery=delivery,
+                sink_connections=sink_connections,
+            )
             runs[kind].append(run)
             print(f"  drain round {round_ + 1}/{repeats} {kind}: {run['msg_per_s']:.0f} msg/s")
     for kind, done in runs.items():
@@ -469,6 +478,7 @@ def drain(
                 backlog=min(backlog, 10000),
                 size=size,
                 delivery=delivery,
+                sink_connections=sink_connections,
                 profile=True,
             )["profile"]
     results["target_met"] = all(
@@ -497,6 +507,7 @@ def _drain_once(
     backlog: int,
     size: int,
     delivery: dict[str, Any],
+    sink_connections: int | None = None,
     profile: bool = False,
 ) -> dict[str, Any]:
     server = bench.mariadb()
@@ -513,7 +524,7 @@ def _drain_once(
     sink = Sink.smtp() if kind == "smtp" else Sink.mailgun(count_file)
     # More workers only help if the provider lets as many sends run at once.
     workers = delivery.get("worker_count")
-    config["providers"] = {"sink": _provider(kind, sink, workers)}
+    config["providers"] = {"sink": _provider(kind, sink, sink_connections or workers)}
     if workers:
         config["delivery"]["provider_limits"] = {"sink": {"max_concurrency": workers}}
     relay = None
