@@ -34,6 +34,7 @@ from relay.ingest.protocol import SHUTDOWN_REPLY, Gate, RelaySMTP
 from relay.ingest.trace import protocol_name, received_header, subject_of
 from relay.limits import OverrideCache, QuotaCharge, QuotaExceeded, RateLimiter
 from relay.logs import event, hash_address
+from relay.queue.group import GroupCommit
 from relay.queue.model import NewMessage
 from relay.queue.sql import SqlStore
 
@@ -69,6 +70,7 @@ class IngestHandler:
         self.limiter = RateLimiter(share=settings.smtp.processes)
         self.overrides = OverrideCache()
         self.bounces = BounceProcessor(store, settings)
+        self.commits = GroupCommit(store)
 
     # Session
 
@@ -284,7 +286,7 @@ class IngestHandler:
             suppressed=await self._recorded(identity.workspace_id, recipients),
         )
         try:
-            await self.store.enqueue(message)
+            await self.commits.enqueue(message)
         except QuotaExceeded as exceeded:
             metrics.rate_limit_rejections_total.labels(
                 identity.workspace_id, str(exceeded.args[0])

@@ -21,7 +21,7 @@ from relay.config import MysqlSettings
 from relay.queue import schema
 from relay.queue.model import AttemptResult, MessageStatus
 from relay.queue.sql import MAX_GROUP_RECIPIENTS, Row, SqlStore, Statement, Tx
-from relay.queue.store import StoreUnavailable
+from relay.queue.store import StoreRefused, StoreUnavailable
 
 _MIGRATION_LOCK = "smtp_relay_migrate"
 # Room for the statement and the other columns next to the raw message in one packet.
@@ -65,7 +65,10 @@ def _unavailable(exc: BaseException) -> StoreUnavailable:
         shown = f"{code} (server text withheld)"
     else:
         shown = str(exc.args[:2])
-    return StoreUnavailable(f"MySQL queue unavailable: {exc.__class__.__name__} {shown}")
+    text = f"MySQL queue unavailable: {exc.__class__.__name__} {shown}"
+    # Codes below 2000 are the server's answer to a statement: it was reached.
+    refused = isinstance(code, int) and 0 < code < _CLIENT_ERRORS_FROM
+    return StoreRefused(text) if refused else StoreUnavailable(text)
 
 
 class _MysqlTx(Tx):

@@ -13,6 +13,10 @@ class StoreUnavailable(Exception):
     """The database could not be reached or refused the operation; nothing was written."""
 
 
+class StoreRefused(StoreUnavailable):
+    """The database was reached and refused a statement (a key clash, a bad value)."""
+
+
 class QueueStore(Protocol):
     backend: str
 
