@@ -116,3 +116,48 @@ async def test_a_message_with_a_quota_charge_is_committed_on_its_own(store: SqlS
     assert stats.counts == {"queued": 6}
     with pytest.raises(ValueError, match="quota"):
         await store.enqueue_group([charged, plain[0]])
+
+
+async def test_concurrent_rcpt_checks_each_get_their_own_answer(
+    store: SqlStore, queue_settings: dict[str, object], tmp_path: object
+) -> None:
+    from relay.bounces.model import SuppressionReason
+    from relay.ingest.handler import IngestHandler
+    from relay.ingest.protocol import Gate
+    from tests.conftest import relay_settings
+
+    for address in ("gone@example.net", "Complained@Example.net"):
+        await store.suppress(
+            workspace_id="default",
+            address=address,
+            reason=SuppressionReason.HARD_BOUNCE,
+            detail=None,
+            created_by="test",
+            now=utcnow(),
+        )
+    handler = IngestHandler(store, relay_settings(tmp_path, queue_settings), gate=Gate())
+    asked = [
+        ("default", "gone@example.net"),
+        ("default", "GONE@example.net"),
+        ("default", "fine@example.net"),
+        ("other", "gone@example.net"),  # suppressed in another workspace only
+        ("default", "complained@example.net"),
+    ] * 8
+    groups: list[int] = []
+    look_up = handler._look_up
+
+    async def watched(questions: list[tuple[str, str]]) -> list[SuppressionReason | None]:
+        groups.append(len(questions))
+        return await look_up(questions)
+
+    handler._look_up = watched  # type: ignore[method-assign]
+    handler._lookups._run = watched  # type: ignore[assignment]
+
+    answers = await asyncio.gather(*(handler._suppression(w, a) for w, a in asked))
+
+    assert max(groups) > 1 and sum(groups) == len(asked)
+    for (workspace_id, address), answer in zip(asked, answers, strict=True):
+        suppressed = workspace_id == "default" and address.lower() != "fine@example.net"
+        assert (answer is not None) == suppressed, (workspace_id, address, answer)
+        if suppressed:
+            assert answer is not None and answer.startswith("550 5.1.1")

@@ -17,9 +17,10 @@ from aiosmtpd.smtp import AuthResult, Envelope, Session
 
 from relay import metrics
 from relay.bounces import metrics as bounce_metrics
-from relay.bounces.model import MessageBusy
+from relay.bounces.model import MessageBusy, SuppressionReason
 from relay.bounces.suppression import REFUSALS, BounceProcessor
 from relay.clock import utcnow
+from relay.coalesce import Coalescer
 from relay.config import RateLimits, Settings
 from relay.ids import new_queue_id
 from relay.ingest.policy import (
@@ -71,6 +72,11 @@ class IngestHandler:
         self.overrides = OverrideCache()
         self.bounces = BounceProcessor(store, settings)
         self.commits = GroupCommit(store)
+        # Every RCPT asks the database whether its address is suppressed: under load the
+        # questions of concurrent sessions go as one query per workspace (relay.coalesce).
+        self._lookups: Coalescer[tuple[str, str], SuppressionReason | None] = Coalescer(
+            self._look_up
+        )
 
     # Session
 
@@ -341,14 +347,24 @@ class IngestHandler:
     async def _suppression(self, workspace_id: str, address: str) -> str | None:
         """The 550 for a suppressed address, or None."""
         try:
-            found = await self.bounces.suppressed(workspace_id, [address])
+            reason = await self._lookups.submit((workspace_id, address))
         except Exception as exc:
             # Open, not closed: without the database DATA answers 451 anyway, and a
             # suppression missed once costs one more bounce, not a lost message.
             event(log, "smtp.suppression_check_failed", logging.WARNING, error=repr(exc)[:200])
             return None
-        reason = found.get(address)
         return REFUSALS[reason] if reason is not None else None
+
+    async def _look_up(self, questions: list[tuple[str, str]]) -> list[SuppressionReason | None]:
+        by_workspace: dict[str, set[str]] = {}
+        for workspace_id, address in questions:
+            by_workspace.setdefault(workspace_id, set()).add(address)
+        # By lower case, as the store compares: two sessions may spell one mailbox apart.
+        found: dict[tuple[str, str], SuppressionReason] = {}
+        for workspace_id, addresses in by_workspace.items():
+            reasons = await self.bounces.suppressed(workspace_id, sorted(addresses))
+            found.update({(workspace_id, a.lower()): r for a, r in reasons.items()})
+        return [found.get((workspace_id, a.lower())) for workspace_id, a in questions]
 
     async def _recorded(
         self, workspace_id: str, recipients: tuple[str, ...]

@@ -1,11 +1,11 @@
-"""Group commit: messages accepted while one commit is on its way share the next one.
+"""Group commit: messages accepted while commits are on their way share the next one.
 
 Each accepted message costs a transaction: its INSERTs, a COMMIT, the server's log
-flush, and the relay's side of the round trip. Under load, many sessions reach the end of
-DATA within the same millisecond or two. Here a message that finds no commit in flight is
-committed at once, alone, so an idle relay adds no wait; messages that arrive while
-commits are in flight wait for one to return and then go together, as multi-row INSERTs in
-one transaction (`SqlStore.enqueue_group`). Every session still hears 250 only after the
+flush, and the relay's side of the round trip. Under load many sessions reach the end of
+DATA within the same millisecond or two. A message that finds a commit slot free is
+committed at once, alone, so an idle relay adds no wait; messages that arrive while both
+slots are taken go together as the next group, as multi-row INSERTs in one transaction
+(`SqlStore.enqueue_group`, relay.coalesce). Every session still hears 250 only after the
 commit that holds its message returned.
 
 A group that fails is rolled back whole. If the server refused a statement, the messages
@@ -16,10 +16,10 @@ alone, and its client hears 451 and keeps its copy.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
+from relay.coalesce import Coalescer
 from relay.logs import event
 from relay.queue.model import NewMessage
 from relay.queue.sql import SqlStore
@@ -27,28 +27,19 @@ from relay.queue.store import StoreRefused, StoreUnavailable
 
 log = logging.getLogger("relay.queue")
 
-# Commits in flight at once: while one waits for the disk the next one is being sent.
-_IN_FLIGHT = 2
 # A group's contents stay well inside max_allowed_packet, which is only checked against
 # the largest single message (MysqlStore.open).
 _GROUP_BYTES = 1 << 20
-_GROUP_MESSAGES = 64
-
-
-@dataclass
-class _Waiting:
-    message: NewMessage
-    done: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
 
 
 class GroupCommit:
     def __init__(self, store: SqlStore) -> None:
         self.store = store
-        self._waiting: list[_Waiting] = []
-        self._in_flight = 0
-        self._committers: set[asyncio.Task[None]] = set()
+        self._groups: Coalescer[NewMessage, None] = Coalescer(
+            self._commit,
+            weight=lambda message: len(message.content),
+            max_weight=_GROUP_BYTES,
+        )
 
     async def enqueue(self, message: NewMessage) -> None:
         """Return once the message is committed; raise what its commit raised."""
@@ -56,55 +47,25 @@ class GroupCommit:
             # Its quota charge decides within its own transaction.
             await self.store.enqueue(message)
             return
-        waiting = _Waiting(message)
-        self._waiting.append(waiting)
-        if self._in_flight < _IN_FLIGHT:
-            self._in_flight += 1
-            committer = asyncio.create_task(self._commit_while_waiting())
-            self._committers.add(committer)
-            committer.add_done_callback(self._committers.discard)
-        await asyncio.shield(waiting.done)
+        await self._groups.submit(message)
 
-    async def _commit_while_waiting(self) -> None:
+    async def _commit(self, group: list[NewMessage]) -> Sequence[BaseException | None]:
+        if len(group) == 1:
+            await self.store.enqueue(group[0])
+            return [None]
         try:
-            while self._waiting:
-                await self._commit(self._take())
-        finally:
-            self._in_flight -= 1
-
-    def _take(self) -> list[_Waiting]:
-        group: list[_Waiting] = []
-        size = 0
-        while self._waiting and len(group) < _GROUP_MESSAGES:
-            length = len(self._waiting[0].message.content)
-            if group and size + length > _GROUP_BYTES:
-                break
-            group.append(self._waiting.pop(0))
-            size += length
-        return group
-
-    async def _commit(self, group: list[_Waiting]) -> None:
-        try:
-            if len(group) == 1:
-                await self.store.enqueue(group[0].message)
-            else:
-                await self.store.enqueue_group([w.message for w in group])
+            await self.store.enqueue_group(group)
         except StoreUnavailable as exc:
-            if not isinstance(exc, StoreRefused) or len(group) == 1:
-                for waiting in group:
-                    _settle(waiting, exc)
-                return
-            await self._one_by_one(group, exc)
+            if not isinstance(exc, StoreRefused):
+                raise
+            return await self._one_by_one(group, exc)
         except Exception as exc:
-            if len(group) == 1:
-                _settle(group[0], exc)
-                return
-            await self._one_by_one(group, exc)
-        else:
-            for waiting in group:
-                _settle(waiting, None)
+            return await self._one_by_one(group, exc)
+        return [None] * len(group)
 
-    async def _one_by_one(self, group: list[_Waiting], refusal: Exception) -> None:
+    async def _one_by_one(
+        self, group: list[NewMessage], refusal: Exception
+    ) -> list[BaseException | None]:
         """The group was refused and rolled back: each message gets its own commit."""
         event(
             log,
@@ -113,21 +74,12 @@ class GroupCommit:
             messages=len(group),
             error=refusal.__class__.__name__,
         )
-        for waiting in group:
+        outcomes: list[BaseException | None] = []
+        for message in group:
             try:
-                await self.store.enqueue(waiting.message)
+                await self.store.enqueue(message)
             except Exception as alone:
-                _settle(waiting, alone)
+                outcomes.append(alone)
             else:
-                _settle(waiting, None)
-
-
-def _settle(waiting: _Waiting, error: BaseException | None) -> None:
-    if waiting.done.done():
-        return
-    if error is None:
-        waiting.done.set_result(None)
-        return
-    waiting.done.set_exception(error)
-    # A session that hung up no longer awaits its outcome; its client keeps the message.
-    waiting.done.add_done_callback(lambda done: done.exception())
+                outcomes.append(None)
+        return outcomes
