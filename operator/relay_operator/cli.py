@@ -65,7 +65,9 @@ def run(settings: OperatorSettings, *, verbose: bool = False) -> None:
     kopf_settings = kopf.OperatorSettings()
     configure_kopf(kopf_settings, settings)
     context = handlers.Context(
-        kube=Kube.from_environment(timeout_s=settings.request_timeout_s),
+        kube=Kube.from_environment(
+            timeout_s=settings.request_timeout_s, concurrency=settings.api_concurrency
+        ),
         settings=settings,
         identity=identity(),
         priority=priority(),

@@ -26,6 +26,7 @@ import pydantic
 
 from relay_operator import builders, conditions, providers, rollout, strategies
 from relay_operator.builders import Provider, Relay
+from relay_operator.cache import ObjectCache, url_of
 from relay_operator.conditions import Problem
 from relay_operator.kube import FIELD_MANAGER, ApiError, Kube, event, path
 from relay_operator.models import API_VERSION, GROUP, VERSION, RelayProviderSpec, SmtpRelaySpec
@@ -48,6 +49,11 @@ class Context:
     identity: str
     priority: int
     locks: dict[tuple[str, str, str], asyncio.Lock] = field(default_factory=dict)
+    cache: ObjectCache = field(default_factory=ObjectCache)
+    # Deployment URL -> the metadata.generation our last apply left it at. A watch event
+    # at that generation is the Deployment controller reporting on pods; any other
+    # generation is someone else's change to the spec, which the next apply undoes.
+    applied: dict[str, int] = field(default_factory=dict)
     resync: asyncio.Task[None] | None = None
     timers: dict[tuple[str, str], asyncio.TimerHandle] = field(default_factory=dict)
     woken: set[asyncio.Task[None]] = field(default_factory=set)
@@ -100,6 +106,20 @@ def _context(memo: Any) -> Context:
     return context
 
 
+async def _read(ctx: Context, url: str) -> dict[str, Any] | None:
+    """A watched object (SmtpRelay, RelayProvider, relay Deployment), from the cache when
+    a watch event or our own write has shown it, else from the API server."""
+    known, obj = ctx.cache.lookup(url)
+    if known:
+        return obj
+    obj = await ctx.kube.get(url)
+    if obj is None:
+        ctx.cache.absent(url)
+    else:
+        ctx.cache.seen(obj, url=url)
+    return obj
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -132,7 +152,7 @@ async def _write_status(
         generation=status["observedGeneration"],
     )
     if any(_bare(previous.get(key)) != _bare(value) for key, value in status.items()):
-        await ctx.kube.patch_status(url, status)
+        ctx.cache.seen(await ctx.kube.patch_status(url, status), url=url)
     return conditions.transitions(old_conditions, status["conditions"])
 
 
@@ -173,7 +193,7 @@ async def reconcile_provider(ctx: Context, namespace: str, name: str) -> None:
     """Validate one provider and publish the verdict in its status."""
     url = path(API_VERSION, "RelayProvider", namespace, name)
     async with ctx.lock("RelayProvider", namespace, name):
-        obj = await ctx.kube.get(url)
+        obj = await _read(ctx, url)
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             return
         secret = None
@@ -235,7 +255,7 @@ async def _gather(ctx: Context, relay: Relay) -> Inputs:
         # The API server refuses this already (CRD rule); kept for objects stored before.
         problems.append(Problem("InvalidSpec", "spec.replicas must be 0 or 1 with sqlite"))
     for index, name in enumerate(relay.spec.providers):
-        obj = await ctx.kube.get(path(API_VERSION, "RelayProvider", relay.namespace, name))
+        obj = await _read(ctx, path(API_VERSION, "RelayProvider", relay.namespace, name))
         where = f"spec.providers[{index}]: RelayProvider {name!r}"
         if obj is None:
             problems.append(Problem("ProviderNotFound", f"{where} not found in this namespace"))
@@ -280,28 +300,32 @@ async def _apply_children(
     ctx: Context, obj: dict[str, Any], relay: Relay, inputs: Inputs
 ) -> dict[str, Any]:
     """Apply ConfigMap, Deployment, Service and PDB; return the Deployment as stored."""
-    pause = ctx.settings.apply_pause_s
     deployment_url = path("apps/v1", "Deployment", relay.namespace, relay.name)
-    before = await ctx.kube.get(deployment_url)
 
+    # The ConfigMap first: the Deployment's pod template names its hash, and pods rolled
+    # for a new hash must find the new relay.yaml. The other three need nothing from each
+    # other, so they go together; the Deployment as it was is read meanwhile. Two round
+    # trips in all instead of five.
     config_map = builders.config_map(relay, inputs.providers)
     config_hash = builders.digest(config_map["data"]["relay.yaml"])
-    await ctx.kube.apply(config_map)
-    await asyncio.sleep(pause)
+    before, _ = await asyncio.gather(_read(ctx, deployment_url), ctx.kube.apply(config_map))
+    await asyncio.sleep(ctx.settings.apply_pause_s)
     image = relay.spec.image or ctx.settings.relay_image
-    after = await ctx.kube.apply(
-        builders.deployment(
-            relay,
-            inputs.providers,
-            image=image,
-            config_hash=config_hash,
-            secret_versions=inputs.secret_versions,
-        )
+    deployment = builders.deployment(
+        relay,
+        inputs.providers,
+        image=image,
+        config_hash=config_hash,
+        secret_versions=inputs.secret_versions,
     )
-    await asyncio.sleep(pause)
-    await ctx.kube.apply(builders.service(relay))
-    await asyncio.sleep(pause)
-    await ctx.kube.apply(builders.disruption_budget(relay))
+    applied = await asyncio.gather(
+        ctx.kube.apply(deployment),
+        ctx.kube.apply(builders.service(relay)),
+        ctx.kube.apply(builders.disruption_budget(relay)),
+    )
+    after = applied[0]
+    ctx.cache.seen(after, url=deployment_url)
+    ctx.applied[deployment_url] = after["metadata"].get("generation", 0)
     await _report_changes(ctx, obj, before, after)
     return after
 
@@ -358,13 +382,21 @@ def _image(deployment: dict[str, Any]) -> str:
     return str(deployment["spec"]["template"]["spec"]["containers"][0]["image"])
 
 
-async def reconcile_relay(ctx: Context, namespace: str, name: str) -> None:
-    """Bring one SmtpRelay's children and status in line with its spec."""
+async def reconcile_relay(
+    ctx: Context, namespace: str, name: str, *, pods_only: bool = False
+) -> None:
+    """Bring one SmtpRelay's children and status in line with its spec.
+
+    `pods_only`: what changed is the status of the relay's Deployment, so only the
+    relay's status may need writing (see `_refresh_status`).
+    """
     url = path(API_VERSION, "SmtpRelay", namespace, name)
     async with ctx.lock("SmtpRelay", namespace, name):
-        obj = await ctx.kube.get(url)
+        obj = await _read(ctx, url)
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             return  # the garbage collector takes the children
+        if pods_only and await _refresh_status(ctx, obj, url):
+            return
         generation = obj["metadata"].get("generation", 0)
         previous = obj.get("status") or {}
         try:
@@ -390,31 +422,71 @@ async def reconcile_relay(ctx: Context, namespace: str, name: str) -> None:
         else:
             # A broken configuration is never rolled out: the pods keep running on the
             # last good one while the status says what to fix.
-            deployment = await ctx.kube.get(path("apps/v1", "Deployment", namespace, name))
+            deployment = await _read(ctx, path("apps/v1", "Deployment", namespace, name))
 
-        state = conditions.rollout(deployment) if deployment else None
         problem = None
         if inputs.problems:
             problem = Problem(
                 inputs.problems[0].reason, "; ".join(p.message for p in inputs.problems)
             )
-        status: dict[str, Any] = {
-            "observedGeneration": generation,
-            "conditions": conditions.relay_conditions(problem, state),
-        }
+        status = _relay_status(generation, problem, deployment)
         if retired:
             status["rollout"] = None
-        if deployment is not None:
-            pod = _pod_annotations(deployment)
-            status.update(
-                replicas=state.current if state else 0,
-                readyReplicas=state.ready if state else 0,
-                updatedReplicas=state.updated if state else 0,
-                configHash=pod.get(builders.CONFIG_HASH),
-                secretsHash=pod.get(builders.SECRETS_HASH),
-            )
         changed = await _write_status(ctx, obj, status, url)
         await _report_transitions(ctx, obj, changed)
+
+
+def _relay_status(
+    generation: int, problem: Problem | None, deployment: dict[str, Any] | None
+) -> dict[str, Any]:
+    """An SmtpRelay's status without a strategy: its problem, else its Deployment's pods."""
+    state = conditions.rollout(deployment) if deployment else None
+    status: dict[str, Any] = {
+        "observedGeneration": generation,
+        "conditions": conditions.relay_conditions(problem, state),
+    }
+    if deployment is not None:
+        pod = _pod_annotations(deployment)
+        status.update(
+            replicas=state.current if state else 0,
+            readyReplicas=state.ready if state else 0,
+            updatedReplicas=state.updated if state else 0,
+            configHash=pod.get(builders.CONFIG_HASH),
+            secretsHash=pod.get(builders.SECRETS_HASH),
+        )
+    return status
+
+
+async def _refresh_status(ctx: Context, obj: dict[str, Any], url: str) -> bool:
+    """The relay's Deployment reported on its pods: write what that means for the relay.
+
+    A Deployment changes status several times while its pods come up, and each change is
+    a watch event. Re-reading the relay's inputs and re-applying its four children for
+    each of them made a relay cost the API server about 40 requests instead of 10. This
+    writes the status from the Deployment as the watch showed it, and answers False,
+    for a full reconcile instead, whenever that would not be the whole story: the spec
+    not yet handled, a problem being reported, a strategy, a Deployment gone or edited.
+    """
+    meta, previous = obj["metadata"], obj.get("status") or {}
+    if (obj.get("spec") or {}).get("strategy") or previous.get("rollout"):
+        return False
+    if previous.get("observedGeneration") != meta.get("generation"):
+        return False
+    if any(
+        c.get("type") == "Progressing" and c.get("reason") == "Blocked"
+        for c in previous.get("conditions", [])
+    ):
+        return False  # a problem with the inputs: only a full reconcile sees it solved
+    deployment_url = path("apps/v1", "Deployment", meta["namespace"], meta["name"])
+    known, deployment = ctx.cache.lookup(deployment_url)
+    if not known or deployment is None:
+        return False  # deleted: the full reconcile creates it again
+    if ctx.applied.get(deployment_url) != deployment["metadata"].get("generation"):
+        return False  # its spec is not what we applied (or not since we started)
+    status = _relay_status(meta.get("generation", 0), None, deployment)
+    changed = await _write_status(ctx, obj, status, url)
+    await _report_transitions(ctx, obj, changed)
+    return True
 
 
 async def _design_only_warnings(ctx: Context, obj: dict[str, Any], relay: Relay) -> None:
@@ -440,7 +512,9 @@ async def _reconcile_strategy(
         await _announce(ctx, obj, reason, message, warning=warning)
 
     async def write_state(state: Any) -> None:
-        await ctx.kube.patch_status(url, {"rollout": state.model_dump(mode="json", by_alias=True)})
+        # Into the cache too: the next pass must start from the state written here.
+        rollout_state = {"rollout": state.model_dump(mode="json", by_alias=True)}
+        ctx.cache.seen(await ctx.kube.patch_status(url, rollout_state), url=url)
 
     work = strategies.StrategyRun(
         ctx.kube, ctx.settings, obj, relay, inputs.providers, inputs.secret_versions, announce
@@ -546,6 +620,7 @@ async def resync(ctx: Context) -> None:
         except Exception as exc:
             logger.warning("resync: listing failed, next try in %ss: %s", interval, exc)
             continue
+        ctx.cache.prune(older_than_s=interval)
         for reconcile, meta in found:
             # One broken object must not stop the others, nor end the loop.
             try:
@@ -623,15 +698,47 @@ async def relayprovider_update(*, namespace: str | None, name: str, memo: Any, *
         await provider_changed(_context(memo), namespace, name)
 
 
+def _remember(ctx: Context, event: Mapping[str, Any]) -> None:
+    """Keep what a watch event shows in the cache; events of every kind come through."""
+    obj = event.get("object")
+    if not isinstance(obj, dict) or "metadata" not in obj:
+        return
+    if event.get("type") == "DELETED":
+        ctx.cache.gone(obj)
+    else:
+        ctx.cache.seen(obj)
+
+
+@kopf.on.event(*SMTP_RELAYS)
+async def smtprelay_event(*, event: Mapping[str, Any], memo: Any, **_: Any) -> None:
+    # kopf runs event handlers before the create/update/resume ones of the same event,
+    # so those read this very version from the cache.
+    _remember(_context(memo), event)
+
+
+@kopf.on.event(*RELAY_PROVIDERS)
+async def relayprovider_event(*, event: Mapping[str, Any], memo: Any, **_: Any) -> None:
+    _remember(_context(memo), event)
+
+
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
 async def deployment_event(
-    *, namespace: str | None, labels: Mapping[str, str], memo: Any, **_: Any
+    *,
+    event: Mapping[str, Any],
+    namespace: str | None,
+    labels: Mapping[str, str],
+    memo: Any,
+    **_: Any,
 ) -> None:
     # Rollout progress and pod readiness surface as the relay's conditions; a Deployment
-    # deleted by hand is recreated.
+    # deleted or edited by hand is applied again.
+    ctx = _context(memo)
+    _remember(ctx, event)
+    if event.get("type") == "DELETED":
+        ctx.applied.pop(url_of(event["object"]), None)
     relay = labels.get(builders.LABEL_RELAY)
     if relay and namespace:
         try:
-            await reconcile_relay(_context(memo), namespace, relay)
+            await reconcile_relay(ctx, namespace, relay, pods_only=True)
         except ApiError as exc:
             logger.warning("SmtpRelay %s/%s: status refresh failed: %s", namespace, relay, exc)

@@ -56,11 +56,17 @@ class OperatorSettings(BaseSettings):
     )
     connect_timeout_s: float = Field(10, gt=0, description="TCP/TLS connect timeout.")
     request_timeout_s: float = Field(30, gt=0, description="Timeout of ordinary API calls.")
+    api_concurrency: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="API requests in flight at once (threads of the blocking client).",
+    )
     apply_pause_s: float = Field(
         0,
         ge=0,
-        description="Pause between applying a relay's children. Tests use it to stop the "
-        "operator in the middle of a reconcile; leave 0 in production.",
+        description="Pause after applying a relay's ConfigMap, before the other children. "
+        "Tests use it to stop the operator in the middle of a reconcile; leave 0 in production.",
     )
     log_format: str = Field("json", pattern="^(json|text)$", description="json or text.")
     service_host_override: str | None = Field(
