@@ -163,6 +163,10 @@ class OperatorProcess:
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     runs: int = 0
+    # What runs the operator; bench/operator.py wraps it to count its API requests.
+    command: list[str] = field(
+        default_factory=lambda: [sys.executable, "-m", "relay_operator", "run"]
+    )
 
     @property
     def log(self) -> Path:
@@ -188,7 +192,7 @@ class OperatorProcess:
         }
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "relay_operator", "run"],
+                self.command,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
