@@ -247,11 +247,16 @@ def test_a_killed_process_is_started_again_and_no_accepted_mail_is_lost(relay: R
     assert [(e["index"], e["pid"], e["returncode"]) for e in exited] == [(1, victim, -9)]
 
     # A session cut off by the kill was never answered 250: its client still holds the
-    # message. Every message that was answered is delivered, once.
+    # message. Every message that was answered is delivered, once. A message whose commit
+    # returned just before the kill but whose 250 never left is delivered too, and its
+    # client sends it again (at least once, as with any MTA): at most one per session.
     answered = [queue_id for queue_id in queued if queue_id]
     assert len(answered) > 250
-    relay.wait_for(lambda: len(relay.delivered()) >= len(answered), "all delivered")
-    assert sorted(relay.delivered()) == sorted(answered)
+    relay.wait_for(lambda: set(relay.delivered()) >= set(answered), "all answered delivered")
+    time.sleep(1)
+    delivered = relay.delivered()
+    assert len(delivered) == len(set(delivered))
+    assert len(set(delivered) - set(answered)) <= 10
 
     relay.wait_for(
         lambda: relay.health()["checks"]["ingest_processes"]["status"] == "healthy",
