@@ -244,6 +244,7 @@ def relay_config(relay: Relay, providers: Sequence[Provider]) -> dict[str, Any]:
         "max_message_size": spec.smtp.max_message_size,
         "max_recipients": spec.smtp.max_recipients,
         "trusted_networks": list(spec.smtp.trusted_networks),
+        "processes": spec.smtp.processes,
     }
     if spec.smtp.hostname:
         smtp["hostname"] = spec.smtp.hostname

@@ -414,6 +414,14 @@ class SmtpListener(Schema):
         None,
         description="A kubernetes.io/tls Secret (tls.crt, tls.key) that enables STARTTLS.",
     )
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Processes per pod accepting SMTP (the relay's smtp.processes), one per "
+        "core of resources.limits.cpu is the rule of thumb. More than 1 needs queue.backend "
+        "mysql.",
+    )
 
 
 class AdminToken(Schema):
@@ -787,6 +795,13 @@ class SmtpRelaySpec(Schema):
                 "spec.strategy needs spec.queue.backend mysql: two versions run side by side "
                 "during a rollout, and with sqlite each pod would have its own queue file",
                 fieldPath=".strategy",
+                reason="FieldValueInvalid",
+            ),
+            cel(
+                "self.queue.backend == 'mysql' || self.smtp.processes <= 1",
+                "spec.smtp.processes above 1 needs spec.queue.backend mysql: the processes "
+                "share accepted mail through the queue database",
+                fieldPath=".smtp.processes",
                 reason="FieldValueInvalid",
             ),
             cel(

@@ -73,6 +73,7 @@ def test_production_config_loads_in_the_relay(
     mailgun = settings.providers["mailgun"]
     assert isinstance(mailgun, MailgunProviderSettings) and mailgun.region == "eu"
     assert [str(n) for n in settings.smtp.trusted_networks] == ["10.20.0.0/16"]
+    assert settings.smtp.processes == 2
     assert settings.http.admin_tokens[0].token_file is not None
 
 

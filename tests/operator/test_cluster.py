@@ -158,6 +158,16 @@ def test_crds_are_documented_for_kubectl_explain(installed: Cluster) -> None:
             "spec.strategy.canary",
             "only read with type Canary",
         ),
+        (
+            {"kind": "SmtpRelay", "spec": {"providers": ["p"], "smtp": {"processes": 2}}},
+            "spec.smtp.processes",
+            "needs spec.queue.backend mysql",
+        ),
+        (
+            {"kind": "SmtpRelay", "spec": {"providers": ["p"], "smtp": {"processes": 0}}},
+            "spec.smtp.processes",
+            "greater than or equal to 1",
+        ),
     ],
     ids=[
         "six-field-cron",
@@ -171,6 +181,8 @@ def test_crds_are_documented_for_kubectl_explain(installed: Cluster) -> None:
         "strategy-with-sqlite",
         "canary-step-above-max",
         "canary-settings-on-blue-green",
+        "processes-with-sqlite",
+        "no-processes",
     ],
 )
 def test_invalid_resources_are_refused_naming_the_field(
