@@ -479,10 +479,11 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 async def _serve(settings: Settings, config_text: str | None) -> int:
-    if settings.smtp.processes > 1:
-        from relay.processes import prepare_metrics_dir
+    from relay.processes import multiprocess_metrics, prepare_metrics_dir
 
-        # Before relay.service imports the metrics: prometheus_client picks its storage then.
+    if settings.smtp.processes > 1 or multiprocess_metrics():
+        # Before relay.service imports the metrics: prometheus_client picks its storage
+        # then. A directory given in the environment is emptied of an earlier run's samples.
         prepare_metrics_dir()
     from relay.service import RelayService
 

@@ -332,3 +332,36 @@ def test_each_process_holds_its_share_of_the_limits() -> None:
     assert bucket.refill_per_s == 3
     # A burst smaller than the process count still lets each process send.
     assert RateLimiter(share=4)._bucket(("x", ""), RateLimits(rate_limit_burst=2)).capacity == 1
+
+
+def test_a_given_metrics_directory_is_used_and_emptied_of_an_earlier_run(tmp_path: Path) -> None:
+    smtp_port, http_port = free_port(), free_port()
+    config = write_config(
+        tmp_path / "relay.yaml",
+        {
+            "smtp": {"port": smtp_port, "hostname": "relay.test"},
+            "http": {"port": http_port},
+            "queue": {"sqlite": {"path": str(tmp_path / "queue.db")}},
+            "providers": {"outbox": {"type": "outbox", "directory": str(tmp_path / "out")}},
+        },
+    )
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    (metrics_dir / "counter_99999.db").write_bytes(b"left by a process long gone")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    try:
+        process = start_process(config, tmp_path / "relay.log")
+    finally:
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    try:
+        wait_for_port(smtp_port)
+        wait_for_port(http_port)
+        assert send(smtp_port, 1) is not None
+        url = f"http://127.0.0.1:{http_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        assert 'smtp_messages_accepted_total{workspace="default"} 1.0' in text
+        assert not (metrics_dir / "counter_99999.db").exists()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
