@@ -411,3 +411,21 @@ def test_the_raw_message_is_quoted_exactly_as_pymysql_would() -> None:
     samples = [bytes(range(256)) * 3, b"", b"'\\\"\0\n\r\x1a", b"\\'", secrets.token_bytes(65536)]
     for sample in samples:
         assert mysql._binary_literal(sample) == escape_bytes_prefixed(sample)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_a_transaction_cancelled_while_it_begins_leaves_the_queue_usable(
+    store: SqlStore,
+) -> None:
+    """aiosqlite runs BEGIN on its thread whether or not its caller still waits: a claim
+    cancelled there (the engine stopping just after it started) must not leave the
+    connection inside a transaction that every later call would fail to begin."""
+    await store.enqueue(new_message())
+    claim = asyncio.create_task(store.claim(worker_id="w", limit=1, lease=LEASE, now=utcnow()))
+    await asyncio.sleep(0)  # the claim waits on its BEGIN IMMEDIATE
+    claim.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await claim
+
+    stats = await store.stats(now=utcnow())
+    assert stats.counts == {"queued": 1}

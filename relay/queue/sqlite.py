@@ -10,6 +10,7 @@ BEGIN IMMEDIATE with a busy timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -84,10 +85,19 @@ class SqliteStore(SqlStore):
             raise StoreUnavailable("SQLite queue is not open")
         conn = self._conn
         async with self._lock:
+            # aiosqlite runs BEGIN on its thread whether or not this task still waits for
+            # it: a caller cancelled meanwhile (the engine stopping) must end what BEGIN
+            # started before it lets go of the lock, or every later BEGIN would fail.
+            begin = asyncio.ensure_future(conn.execute("BEGIN IMMEDIATE"))
             try:
-                await conn.execute("BEGIN IMMEDIATE")
+                await asyncio.shield(begin)
             except sqlite3.Error as exc:
                 raise StoreUnavailable(f"SQLite queue unavailable: {exc}") from exc
+            except asyncio.CancelledError:
+                with contextlib.suppress(sqlite3.Error):
+                    await begin
+                    await conn.rollback()
+                raise
             try:
                 yield _SqliteTx(conn)
             except BaseException:
