@@ -136,9 +136,18 @@ class SmtpSettings(_Section):
         le=64,
         description=(
             "Processes accepting SMTP on the shared listening sockets (mysql queue only);"
-            " connection limits and rate buckets are split evenly between them."
+            " connection limits count the sessions of all of them, rate buckets are split"
+            " evenly between them."
         ),
     )
+
+    @field_validator("processes", mode="before")
+    @classmethod
+    def _processes_is_a_count(cls, value: Any) -> Any:
+        # YAML's true would otherwise pass as 1: a typo must not start a different relay.
+        if isinstance(value, bool):
+            raise ValueError("must be a whole number of processes, not true/false")
+        return value
 
 
 class RateLimits(_Section):
@@ -641,7 +650,10 @@ class Settings(BaseSettings):
         # Processes share accepted mail through the queue database; the embedded SQLite
         # file takes one writer at a time, so more processes would only queue on its lock.
         if self.smtp.processes > 1 and self.queue.backend != "mysql":
-            raise ValueError("smtp.processes above 1 needs queue.backend: mysql")
+            raise ValueError(
+                "smtp.processes (or environment RELAY_SMTP__PROCESSES) above 1 needs"
+                " queue.backend: mysql"
+            )
         return self
 
     def workspace(self, workspace_id: str) -> WorkspaceSettings:

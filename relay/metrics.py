@@ -65,7 +65,7 @@ email_queue_oldest_age_seconds = Gauge(
 )
 rate_limit_remaining = Gauge(
     "rate_limit_remaining",
-    "Tokens left in the workspace's per-second bucket on this replica.",
+    "Tokens left in the workspace's per-second bucket on this replica (all its processes).",
     ["workspace"],
     multiprocess_mode="livesum",
 )

@@ -11,8 +11,9 @@ What the processes share, and how:
 - accepted mail: the MySQL queue (the embedded SQLite queue is refused with N > 1);
 - maintenance mode, rate-limit overrides, daily quotas, suppressions: the database,
   which every process already follows;
-- connection limits and rate buckets: each process holds 1/N of them
-  (`ingest.server.process_share`, `limits.RateLimiter`);
+- open sessions, for the connection limits: a count in a shared file
+  (relay.ingest.tally), which the first process clears of an extra one that died;
+- rate buckets: each process holds 1/N of them (`limits.RateLimiter`);
 - metrics: prometheus_client's multiprocess mode, files in PROMETHEUS_MULTIPROC_DIR,
   added up by the first process's /metrics;
 - "mail was queued" (so delivery starts at once, not at the next poll): a byte on a pipe
@@ -42,6 +43,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from relay.ingest.tally import SessionTally
 from relay.logs import event
 
 log = logging.getLogger("relay.processes")
@@ -136,8 +138,12 @@ class IngestProcesses:
         config_text: str | None,
         listening: list[tuple[str, int]],
         wake_fd: int,
+        tally: SessionTally | None,
+        tally_path: Path | None,
     ) -> None:
         self.count = count
+        self.tally = tally
+        self.tally_path = tally_path
         self.config_text = config_text
         self.listening = listening
         self.wake_fd = wake_fd
@@ -162,6 +168,8 @@ class IngestProcesses:
         argv += ["--wake", str(self.wake_fd)]
         for kind, fd in self.listening:
             argv += ["--listen", f"{kind}={fd}"]
+        if self.tally_path is not None:
+            argv += ["--tally", str(self.tally_path)]
         child = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.PIPE, pass_fds=fds
         )
@@ -186,6 +194,9 @@ class IngestProcesses:
                 self.children[index] = child
                 code = await child.wait()
                 mark_dead(child.pid)
+                if self.tally is not None:
+                    # Its sessions died with it; the next one starts from none.
+                    self.tally.forget(index)
                 if self._stopping:
                     return
                 event(
@@ -263,7 +274,11 @@ class _Tag(logging.Filter):
 
 
 async def _serve(
-    index: int, listening: list[tuple[str, int]], wake_fd: int, text: str | None
+    index: int,
+    listening: list[tuple[str, int]],
+    wake_fd: int,
+    tally_path: Path | None,
+    text: str | None,
 ) -> None:
     from relay.config import parse_settings
     from relay.logs import configure
@@ -274,7 +289,10 @@ async def _serve(
     for handler in logging.getLogger().handlers:
         handler.addFilter(_Tag(index))
     inherited = [(kind, socket.socket(fileno=fd)) for kind, fd in listening]
-    service = RelayService(settings, inherited=inherited, on_queued=waker(wake_fd))
+    tally = None
+    if tally_path is not None:
+        tally = SessionTally(tally_path, settings.smtp.processes, index)
+    service = RelayService(settings, inherited=inherited, on_queued=waker(wake_fd), tally=tally)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -299,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--wake", type=int, required=True)
     parser.add_argument("--listen", action="append", default=[], metavar="KIND=FD")
+    parser.add_argument("--tally", type=Path, help="the shared session count's file")
     args = parser.parse_args(argv)
     # Until the event loop takes them over, a stop signal ends a process that has not
     # accepted anything yet: nothing to drain.
@@ -312,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         kind, _, fd = item.partition("=")
         listening.append((kind, int(fd)))
     text = _read_config(sys.stdin.fileno())
-    asyncio.run(_serve(args.index, listening, args.wake, text))
+    asyncio.run(_serve(args.index, listening, args.wake, args.tally, text))
     return 0
 
 

@@ -6,9 +6,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import shutil
 import signal
 import socket
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import uvicorn
 
@@ -22,6 +25,8 @@ from relay.delivery.routing import Router
 from relay.ingest.handler import IngestHandler
 from relay.ingest.protocol import Gate
 from relay.ingest.server import IngestServer
+from relay.ingest.tally import SessionTally
+from relay.ingest.tally import create as create_tally
 from relay.logs import event
 from relay.processes import IngestProcesses, WakePipe
 from relay.queue import create_store
@@ -57,6 +62,7 @@ class RelayService:
         config_text: str | None = None,
         inherited: list[tuple[str, socket.socket]] | None = None,
         on_queued: Callable[[], None] | None = None,
+        tally: SessionTally | None = None,
     ) -> None:
         self.settings = settings
         self.config_text = config_text
@@ -64,7 +70,13 @@ class RelayService:
         self.store = create_store(settings)
         self.providers = build_providers(settings) if self.primary else {}
         self.router = Router(self.providers, settings)
-        self.gate = Gate()
+        self._tally_dir: Path | None = None
+        if tally is None and self.primary and settings.smtp.processes > 1:
+            # The count of open sessions all processes share (relay.ingest.tally).
+            self._tally_dir = Path(tempfile.mkdtemp(prefix="smtp-relay-sessions-"))
+            create_tally(self._tally_dir / "sessions", settings.smtp.processes)
+            tally = SessionTally(self._tally_dir / "sessions", settings.smtp.processes, 0)
+        self.gate = Gate(tally)
         self.handler = IngestHandler(
             self.store, settings, gate=self.gate, on_queued=on_queued or self.wake
         )
@@ -126,6 +138,8 @@ class RelayService:
             self.config_text,
             self.ingest.listening(),
             self._wake_pipe.write_fd,
+            self.gate.tally,
+            self._tally_dir / "sessions" if self._tally_dir else None,
         )
         await self.ingest_processes.start()
 
@@ -178,9 +192,8 @@ class RelayService:
     async def _observe(self) -> None:
         try:
             state = await self.store.get_state(MAINTENANCE)
-            if state is not None:
-                wanted = json.loads(state[0])
-                self._apply_maintenance(bool(wanted.get("enabled")), wanted.get("message"))
+            wanted = json.loads(state[0]) if state is not None else {}
+            self._apply_maintenance(bool(wanted.get("enabled")), wanted.get("message"))
         except Exception as exc:
             metrics.errors_total.labels("store").inc()
             event(log, "monitor.failed", logging.WARNING, error=exc.__class__.__name__)
@@ -235,6 +248,8 @@ class RelayService:
             self._http.should_exit = True
             await self._http_task
         await self.store.close()
+        if self._tally_dir is not None:
+            shutil.rmtree(self._tally_dir, ignore_errors=True)
         event(log, "relay.stopped")
         self._stopped.set()
 

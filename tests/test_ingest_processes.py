@@ -25,8 +25,7 @@ from typing import Any
 
 import pytest
 
-from relay.config import ConfigError, RateLimits, SmtpSettings, parse_settings
-from relay.ingest.server import process_share
+from relay.config import ConfigError, RateLimits, parse_settings
 from relay.limits import RateLimiter
 from tests.conftest import mysql_settings
 from tests.servers import MariaDB, free_port, wait_for_port
@@ -164,6 +163,17 @@ def send_all(port: int, count: int, sessions: int = 15) -> list[str | None]:
         return list(pool.map(lambda n: send(port, n), range(count)))
 
 
+def sessions_by_pid(port: int) -> Counter[int]:
+    """Established SMTP sessions on the relay's port, by the pid of the process serving it."""
+    listing = subprocess.run(
+        ["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return Counter(int(pid) for pid in re.findall(r"pid=(\d+)", listing))
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/status").read_text()
@@ -188,6 +198,7 @@ def test_every_process_accepts_into_one_queue_and_delivery_starts_at_once(relay:
     # The counters of all processes add up in the first one's /metrics.
     accepted = relay.metric("smtp_messages_accepted_total")
     assert accepted == 240
+    assert relay.metric("maintenance_mode") == 0, "written before maintenance was ever set"
     health = relay.health()
     assert health["status"] == "healthy"
     assert health["checks"]["ingest_processes"]["message"].startswith("3 of 3 running")
@@ -314,16 +325,16 @@ def test_extra_processes_exit_when_the_first_one_dies(relay: Relay) -> None:
 
 
 def test_more_processes_need_the_mysql_queue() -> None:
-    with pytest.raises(ConfigError, match=r"smtp\.processes above 1 needs queue\.backend: mysql"):
+    needs_mysql = r"smtp\.processes \(or environment RELAY_SMTP__PROCESSES\) above 1 needs"
+    with pytest.raises(ConfigError, match=needs_mysql):
         parse_settings("smtp:\n  processes: 2\n", "relay.yaml")
+    with pytest.raises(ConfigError, match=r"smtp\.processes: .*not true/false"):
+        parse_settings("smtp:\n  processes: true\nqueue:\n  backend: mysql\n", "relay.yaml")
     with pytest.raises(ConfigError, match=r"smtp\.processes: Input should be less than or equal"):
         parse_settings("smtp:\n  processes: 65\nqueue:\n  backend: mysql\n", "relay.yaml")
 
 
-def test_each_process_holds_its_share_of_the_limits() -> None:
-    smtp = process_share(SmtpSettings(processes=3, max_connections=1000, max_connections_per_ip=50))
-    assert (smtp.max_connections, smtp.max_connections_per_ip) == (334, 17)
-
+def test_rate_buckets_are_split_between_the_processes() -> None:
     limits = RateLimits(rate_limit_burst=10, rate_limit_refill=6)
     limiter = RateLimiter(share=2)
     taken = [limiter.take(limits, "clinic", "a@clinic.example") for _ in range(6)]
@@ -332,6 +343,52 @@ def test_each_process_holds_its_share_of_the_limits() -> None:
     assert bucket.refill_per_s == 3
     # A burst smaller than the process count still lets each process send.
     assert RateLimiter(share=4)._bucket(("x", ""), RateLimits(rate_limit_burst=2)).capacity == 1
+
+
+@pytest.mark.slow
+def test_connection_limits_count_the_sessions_of_every_process(
+    mariadb: MariaDB, tmp_path: Path
+) -> None:
+    relay = Relay(mariadb, tmp_path, max_connections_per_ip=6)
+    try:
+        clients = []
+        for _ in range(6):
+            client = socket.create_connection(("127.0.0.1", relay.smtp_port), timeout=10)
+            assert client.recv(200).startswith(b"220"), "the limit is on all processes together"
+            clients.append(client)
+        with socket.create_connection(("127.0.0.1", relay.smtp_port), timeout=10) as extra:
+            assert extra.recv(200).startswith(b"421 4.7.0 Too many connections from your")
+
+        # The sessions of a process that dies are its own to lose, not the client's places.
+        held = sessions_by_pid(relay.smtp_port)
+        index, victim = max(relay.children().items(), key=lambda child: held[child[1]])
+        assert held[victim] > 0, held
+        os.kill(victim, signal.SIGKILL)
+        relay.wait_for(lambda: relay.children()[index] != victim, "the process started again")
+        for client in clients:
+            client.settimeout(0.5)
+        gone = 0
+        for client in clients:
+            try:
+                client.sendall(b"NOOP\r\n")
+                gone += client.recv(200) == b""
+            except OSError:
+                gone += 1
+        alive = 6 - gone
+        opened = []
+        while True:
+            client = socket.create_connection(("127.0.0.1", relay.smtp_port), timeout=10)
+            opened.append(client)
+            if not client.recv(200).startswith(b"220"):
+                break
+        assert gone == held[victim]
+        assert len(opened) - 1 == 6 - alive, (gone, len(opened))
+        for client in clients + opened:
+            client.close()
+        assert relay.stop() == 0
+    finally:
+        if relay.process.poll() is None:
+            relay.process.kill()
 
 
 def test_a_given_metrics_directory_is_used_and_emptied_of_an_earlier_run(tmp_path: Path) -> None:

@@ -190,7 +190,7 @@ class IngestHandler:
                 bucket=empty,
             )
             return (
-                f"451 4.7.1 Rate limit exceeded for {empty} in workspace"
+                f"451 4.7.1 Rate limit exceeded ({empty} bucket) in workspace"
                 f" {identity.workspace_id}; try again later"
             )
         # Kept as "<>" while the transaction runs: aiosmtpd takes an empty sender for "no

@@ -27,6 +27,7 @@ from aiosmtpd.smtp import MISSING, SMTP
 from relay import metrics
 from relay.config import SmtpSettings
 from relay.ingest.policy import in_networks
+from relay.ingest.tally import TOO_MANY, TOO_MANY_FROM_YOU, SessionTally
 
 _ENHANCED = {
     "221": "2.0.0",
@@ -82,9 +83,12 @@ BARE_LINE_END_REPLY = (
 class Gate:
     """Whether new SMTP transactions may start, and the sessions currently open."""
 
-    def __init__(self) -> None:
+    def __init__(self, tally: SessionTally | None = None) -> None:
         self.closed_reply: str | None = None
         self.sessions: set[RelaySMTP] = set()
+        # With smtp.processes above 1: the sessions of every process, for the limits.
+        self.tally = tally
+        self._counted: set[RelaySMTP] = set()
 
     @property
     def open(self) -> bool:
@@ -98,6 +102,29 @@ class Gate:
 
     def per_peer(self) -> Counter[str]:
         return Counter(session.peer_ip for session in self.sessions)
+
+    def admit(self, session: RelaySMTP, settings: SmtpSettings) -> str | None:
+        """None if the session may go on, else the 421 that ends it."""
+        if self.tally is not None:
+            refusal, counted = self.tally.admit(
+                session.peer_ip, settings.max_connections, settings.max_connections_per_ip
+            )
+            if counted:
+                self._counted.add(session)
+            return refusal
+        # This process's own sessions, the new one included.
+        if len(self.sessions) > settings.max_connections:
+            return TOO_MANY
+        if self.per_peer()[session.peer_ip] > settings.max_connections_per_ip:
+            return TOO_MANY_FROM_YOU
+        return None
+
+    def release(self, session: RelaySMTP) -> None:
+        self.sessions.discard(session)
+        if session in self._counted:
+            self._counted.discard(session)
+            assert self.tally is not None
+            self.tally.release(session.peer_ip)
 
 
 class RelaySMTP(SMTP):
@@ -150,7 +177,7 @@ class RelaySMTP(SMTP):
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
-        self.gate.sessions.discard(self)
+        self.gate.release(self)
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
@@ -174,11 +201,7 @@ class RelaySMTP(SMTP):
             # A draining relay still answers, so the client tries its next server at once
             # rather than waiting for a connect timeout.
             return self.gate.closed_reply or SHUTDOWN_REPLY
-        if len(self.gate.sessions) > self.settings.max_connections:
-            return "421 4.7.0 Too many connections, try again later"
-        if self.gate.per_peer()[self.peer_ip] > self.settings.max_connections_per_ip:
-            return "421 4.7.0 Too many connections from your address, try again later"
-        return None
+        return self.gate.admit(self, self.settings)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import socket
 import ssl
@@ -51,23 +50,6 @@ class ReloadingTlsContext:
         self._stamp = stamp
 
 
-def process_share(settings: SmtpSettings) -> SmtpSettings:
-    """One process's part of the connection limits when `processes` share the sockets.
-
-    Rounded up, so the limits together are never below the configured ones; a client whose
-    sessions all land on one process meets its per-client limit early.
-    """
-    if settings.processes == 1:
-        return settings
-    n = settings.processes
-    return settings.model_copy(
-        update={
-            "max_connections": math.ceil(settings.max_connections / n),
-            "max_connections_per_ip": math.ceil(settings.max_connections_per_ip / n),
-        }
-    )
-
-
 class IngestServer:
     """The SMTP listeners of one process.
 
@@ -88,7 +70,7 @@ class IngestServer:
         inherited: list[tuple[str, socket.socket]] | None = None,
     ) -> None:
         self.handler = handler
-        self.settings = process_share(settings)
+        self.settings = settings
         self.gate = gate
         self.inherited = inherited
         self.tls: ReloadingTlsContext | None = None
