@@ -29,7 +29,7 @@ from relay.config import ConfigError, RateLimits, parse_settings
 from relay.limits import RateLimiter
 from tests.conftest import mysql_settings
 from tests.servers import MariaDB, free_port, wait_for_port
-from tests.test_processes import RELAY, start_process, write_config
+from tests.test_processes import RELAY, embedded_config, start_process, write_config
 
 PROCESSES = 3
 QUEUED = re.compile(r"250 2\.0\.0 Ok: queued as (\S+)")
@@ -392,16 +392,7 @@ def test_connection_limits_count_the_sessions_of_every_process(
 
 
 def test_a_given_metrics_directory_is_used_and_emptied_of_an_earlier_run(tmp_path: Path) -> None:
-    smtp_port, http_port = free_port(), free_port()
-    config = write_config(
-        tmp_path / "relay.yaml",
-        {
-            "smtp": {"port": smtp_port, "hostname": "relay.test"},
-            "http": {"port": http_port},
-            "queue": {"sqlite": {"path": str(tmp_path / "queue.db")}},
-            "providers": {"outbox": {"type": "outbox", "directory": str(tmp_path / "out")}},
-        },
-    )
+    config, smtp_port, http_port = embedded_config(tmp_path)
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
     (metrics_dir / "counter_99999.db").write_bytes(b"left by a process long gone")

@@ -33,6 +33,19 @@ def write_config(path: Path, config: dict[str, Any]) -> Path:
     return path
 
 
+def embedded_config(tmp_path: Path, **sections: Any) -> tuple[Path, int, int]:
+    """A relay.yaml on the embedded SQLite queue and free ports: (path, SMTP, HTTP port)."""
+    smtp_port, http_port = free_port(), free_port()
+    config = {
+        "smtp": {"port": smtp_port, "hostname": "relay.test"},
+        "http": {"port": http_port},
+        "queue": {"sqlite": {"path": str(tmp_path / "queue.db")}},
+        "providers": {"outbox": {"type": "outbox", "directory": str(tmp_path / "outbox")}},
+        **sections,
+    }
+    return write_config(tmp_path / "relay.yaml", config), smtp_port, http_port
+
+
 def start_process(config: Path, log: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     return subprocess.Popen(
@@ -109,17 +122,7 @@ async def test_two_relays_on_one_mariadb_deliver_a_backlog_exactly_once(
 
 
 def test_sigterm_drains_then_exits_cleanly(tmp_path: Path) -> None:
-    smtp_port, http_port = free_port(), free_port()
-    config = write_config(
-        tmp_path / "relay.yaml",
-        {
-            "smtp": {"port": smtp_port, "hostname": "relay.test"},
-            "http": {"port": http_port},
-            "queue": {"sqlite": {"path": str(tmp_path / "queue.db")}},
-            "providers": {"outbox": {"type": "outbox", "directory": str(tmp_path / "outbox")}},
-            "delivery": {"shutdown_grace": "10s"},
-        },
-    )
+    config, smtp_port, _ = embedded_config(tmp_path, delivery={"shutdown_grace": "10s"})
     process = start_process(config, tmp_path / "relay.log")
     try:
         wait_for_port(smtp_port)
