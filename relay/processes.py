@@ -139,11 +139,9 @@ class IngestProcesses:
         listening: list[tuple[str, int]],
         wake_fd: int,
         tally: SessionTally | None,
-        tally_path: Path | None,
     ) -> None:
         self.count = count
         self.tally = tally
-        self.tally_path = tally_path
         self.config_text = config_text
         self.listening = listening
         self.wake_fd = wake_fd
@@ -168,16 +166,19 @@ class IngestProcesses:
         argv += ["--wake", str(self.wake_fd)]
         for kind, fd in self.listening:
             argv += ["--listen", f"{kind}={fd}"]
-        if self.tally_path is not None:
-            argv += ["--tally", str(self.tally_path)]
+        if self.tally is not None:
+            argv += ["--tally", str(self.tally.path)]
         child = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.PIPE, pass_fds=fds
         )
         # The configuration goes through the pipe, not the command line (it may hold
         # credentials), framed by its length; the pipe then stays open as the lifeline.
         assert child.stdin is not None
-        body = b"-" if self.config_text is None else self.config_text.encode()
-        child.stdin.write(b"%d\n" % len(body) + body)
+        if self.config_text is None:
+            child.stdin.write(b"none\n")  # environment and defaults only
+        else:
+            body = self.config_text.encode()
+            child.stdin.write(b"%d\n" % len(body) + body)
         await child.stdin.drain()
         event(log, "ingest.process_started", index=index, pid=child.pid)
         return child
@@ -251,6 +252,8 @@ def _read_config(stream: int) -> str | None:
         if not chunk:
             raise SystemExit("relay.processes: the first process closed the pipe")
         header += chunk
+    if header == b"none\n":
+        return None
     size = int(header)
     body = b""
     while len(body) < size:
@@ -258,7 +261,7 @@ def _read_config(stream: int) -> str | None:
         if not chunk:
             raise SystemExit("relay.processes: the configuration was cut short")
         body += chunk
-    return None if body == b"-" else body.decode()
+    return body.decode()
 
 
 class _Tag(logging.Filter):

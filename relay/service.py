@@ -139,7 +139,6 @@ class RelayService:
             self.ingest.listening(),
             self._wake_pipe.write_fd,
             self.gate.tally,
-            self._tally_dir / "sessions" if self._tally_dir else None,
         )
         await self.ingest_processes.start()
 

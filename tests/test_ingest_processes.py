@@ -413,3 +413,39 @@ def test_a_given_metrics_directory_is_used_and_emptied_of_an_earlier_run(tmp_pat
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
+
+
+@pytest.mark.slow
+def test_extra_processes_of_a_relay_configured_by_environment_alone(
+    mariadb: MariaDB, tmp_path: Path
+) -> None:
+    database = f"relay_{secrets.token_hex(6)}"
+    mariadb.create_database(database)
+    smtp_port, http_port = free_port(), free_port()
+    mysql = mysql_settings(mariadb, database)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env.update(
+        {
+            "RELAY_SMTP__PORT": str(smtp_port),
+            "RELAY_SMTP__PROCESSES": "2",
+            "RELAY_HTTP__PORT": str(http_port),
+            "RELAY_QUEUE__BACKEND": "mysql",
+            "RELAY_DELIVERY__ENABLED": "false",
+            **{f"RELAY_QUEUE__MYSQL__{key.upper()}": str(value) for key, value in mysql.items()},
+        }
+    )
+    log = tmp_path / "relay.log"
+    process = subprocess.Popen(
+        [*RELAY, "serve"], stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while log.read_text().count('"event": "smtp.listening"') < 2:
+            assert process.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        assert None not in send_all(smtp_port, 20, sessions=4)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    assert '"ingest_process": 1' in log.read_text()

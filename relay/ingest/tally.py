@@ -49,6 +49,7 @@ class SessionTally:
     """One process's handle on the shared count; `index` is its column (first: 0)."""
 
     def __init__(self, path: Path, processes: int, index: int) -> None:
+        self.path = path
         self.processes = processes
         self.index = index
         self._width = processes + 1
