@@ -269,6 +269,21 @@ def test_credentials_reach_pods_as_files_only_and_rotation_rolls(
         _secret("relay-db", password=values["db"]),
     )
     wait_ready(cluster, namespace, "smtprelay/relay")
+
+    def settled() -> bool:
+        # Ready can come while a second template (the Secrets found after the first
+        # apply) is still rolling out: wait for the status to describe the Deployment.
+        deployment = cluster.get("-n", namespace, "deployment/relay") or {}
+        template = deployment.get("spec", {}).get("template", {}).get("metadata", {})
+        status = (cluster.get("-n", namespace, "smtprelay/relay") or {}).get("status", {})
+        return status.get("secretsHash") == (template.get("annotations") or {}).get(
+            builders.SECRETS_HASH
+        ) and (_condition({"status": status}, "Progressing") or ("",))[:2] == (
+            "False",
+            "RolloutComplete",
+        )
+
+    eventually(settled, timeout=30, what="the relay's status to describe its Deployment")
     old_hash = cluster.get("-n", namespace, "smtprelay/relay")["status"]["secretsHash"]
     selector = "app.kubernetes.io/instance=relay"
     old_sets = {

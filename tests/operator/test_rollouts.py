@@ -214,6 +214,56 @@ class SelectorLog:
         return self.seen
 
 
+class ReplicaWatch:
+    """Every (blue, green) replica count the Deployments go through, from a watch.
+
+    Polling can miss a canary step the operator passes through within a poll or two;
+    `kubectl get -w` reports every change of each Deployment in order.
+    """
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.seen: set[tuple[int | None, int | None]] = set()
+        self._current: dict[str, int] = {}
+        self._watch = subprocess.Popen(
+            [
+                "kubectl",
+                "get",
+                "deployments",
+                "-n",
+                relay.namespace,
+                "--watch",
+                "-o",
+                'jsonpath={.metadata.name} {.spec.replicas}{"\\n"}',
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=relay.cluster.env(),
+        )
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self._watch.stdout is not None
+        for line in self._watch.stdout:
+            name, _, replicas = line.strip().partition(" ")
+            if not replicas:
+                continue
+            self._current[name] = int(replicas)
+            self.seen.add(
+                (
+                    self._current.get(f"{self.relay.name}-blue"),
+                    self._current.get(f"{self.relay.name}-green"),
+                )
+            )
+
+    def stop(self) -> set[tuple[int | None, int | None]]:
+        self._watch.terminate()
+        self._watch.wait(timeout=10)
+        self.thread.join(timeout=5)
+        return self.seen
+
+
 def setup(
     cluster: Cluster,
     namespace: str,
@@ -508,17 +558,17 @@ def test_canary_promotes_through_every_step(
     prometheus: ScriptedPrometheus,
 ) -> None:
     relay = setup(operator.cluster, namespace, smoke_relay, canary(prometheus), replicas=4)
+    watch = ReplicaWatch(relay)
     relay.patch_spec({"image": "smtp-relay:2"})
 
-    seen: set[tuple[int | None, int | None]] = set()
-
-    def record() -> dict[str, Any] | None:
-        seen.add(relay.replicas())
-        return relay.rollout if relay.rollout.get("phase") == "Stable" else None
-
-    stable = relay.wait_for(record, "the canary's promotion", 90)
+    stable = relay.wait_for(
+        lambda: relay.rollout if relay.rollout.get("phase") == "Stable" else None,
+        "the canary's promotion",
+        90,
+    )
     assert stable["stableColour"] == "green"
     relay.wait_for(lambda: relay.replicas() == (0, 4), "blue scaled to zero")
+    seen = watch.stop()
     # 25% and 50% of four pods, never fewer than four serving in all.
     assert (3, 1) in seen and (2, 2) in seen
     assert COLOUR not in (relay.selector() or {})  # both colours serve
