@@ -30,12 +30,14 @@ class Coalescer(Generic[Item, Result]):
         max_items: int = 64,
         weight: Callable[[Item], int] = lambda _: 1,
         max_weight: int | None = None,
+        stopped: Callable[[], Exception] = lambda: RuntimeError("group runner stopped"),
     ) -> None:
         self._run = run
         self._limit = in_flight
         self._max_items = max_items
         self._weight = weight
         self._max_weight = max_weight
+        self._stopped = stopped
         self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
         self._in_flight = 0
         self._runners: set[asyncio.Task[None]] = set()
@@ -51,12 +53,27 @@ class Coalescer(Generic[Item, Result]):
         # A caller that goes away (its client hung up) does not cancel the group.
         return await asyncio.shield(done)
 
+    async def close(self) -> None:
+        """Return once every request submitted so far has its result."""
+        while self._runners:
+            await asyncio.shield(asyncio.gather(*self._runners, return_exceptions=True))
+
     async def _drain(self) -> None:
+        group: list[tuple[Item, asyncio.Future[Result]]] = []
         try:
             while self._waiting:
-                await self._run_group(self._take())
+                group = self._take()
+                await self._run_group(group)
+                group = []
         finally:
             self._in_flight -= 1
+            # Only when this runner is cancelled (the event loop going away): no caller
+            # may wait for ever on a group nobody will run.
+            left = group + (self._waiting if self._in_flight == 0 else [])
+            for _, done in left:
+                _settle(done, self._stopped())
+            if self._in_flight == 0:
+                self._waiting.clear()
 
     def _take(self) -> list[tuple[Item, asyncio.Future[Result]]]:
         group: list[tuple[Item, asyncio.Future[Result]]] = []
@@ -77,11 +94,15 @@ class Coalescer(Generic[Item, Result]):
         except Exception as exc:
             results = [exc] * len(group)
         for (_, done), result in zip(group, results, strict=True):
-            if done.done():
-                continue
-            if isinstance(result, BaseException):
-                done.set_exception(result)
-                # Retrieved here too: a caller that went away never reads it.
-                done.add_done_callback(lambda future: future.exception())
-            else:
-                done.set_result(result)
+            _settle(done, result)
+
+
+def _settle(done: asyncio.Future[Result], result: Result | BaseException) -> None:
+    if done.done():
+        return
+    if isinstance(result, BaseException):
+        done.set_exception(result)
+        # Retrieved here too: a caller that went away never reads it.
+        done.add_done_callback(lambda future: future.exception())
+    else:
+        done.set_result(result)
