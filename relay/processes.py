@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import logging
 import os
@@ -80,8 +81,6 @@ def prepare_metrics_dir() -> Path:
         return path
     path = Path(tempfile.mkdtemp(prefix="smtp-relay-metrics-"))
     os.environ[METRICS_DIR_ENV] = str(path)
-    import atexit
-
     atexit.register(shutil.rmtree, path, True)
     return path
 
