@@ -533,8 +533,9 @@ def _drain_once(
         profiler = (
             Profiler(relay.pid, bench.artefacts / f"profile-drain-{kind}.txt") if profile else None
         )
+        # The relay's tree: its extra delivery processes (delivery.processes) work for it too.
         meter = CpuMeter(
-            {"relay": relay.pid, "mariadb": server.process.pid, "sink": sink.process.pid}
+            {"mariadb": server.process.pid, "sink": sink.process.pid}, trees={"relay": relay.pid}
         )
         counters = server_counters(server)
         meter.start()

@@ -481,7 +481,7 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 async def _serve(settings: Settings, config_text: str | None) -> int:
     from relay.processes import multiprocess_metrics, prepare_metrics_dir
 
-    if settings.smtp.processes > 1 or multiprocess_metrics():
+    if settings.process_count > 1 or multiprocess_metrics():
         # Before relay.service imports the metrics: prometheus_client picks its storage
         # then. A directory given in the environment is emptied of an earlier run's samples.
         prepare_metrics_dir()

@@ -92,6 +92,13 @@ def _loopback() -> list[Network]:
     return [IPv4Network("127.0.0.0/8"), IPv6Network("::1/128")]
 
 
+def _count_not_bool(value: Any) -> Any:
+    # YAML's true would otherwise pass as 1: a typo must not start a different relay.
+    if isinstance(value, bool):
+        raise ValueError("must be a whole number of processes, not true/false")
+    return value
+
+
 class SmtpSettings(_Section):
     """The SMTP listener that client applications submit mail to."""
 
@@ -144,10 +151,7 @@ class SmtpSettings(_Section):
     @field_validator("processes", mode="before")
     @classmethod
     def _processes_is_a_count(cls, value: Any) -> Any:
-        # YAML's true would otherwise pass as 1: a typo must not start a different relay.
-        if isinstance(value, bool):
-            raise ValueError("must be a whole number of processes, not true/false")
-        return value
+        return _count_not_bool(value)
 
 
 class RateLimits(_Section):
@@ -342,6 +346,21 @@ class DeliverySettings(_Section):
     provider_limits: dict[str, ProviderLimits] = Field(
         default_factory=dict, description="Concurrency and rate per provider name."
     )
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "Processes running delivery workers (mysql queue only). worker_count, the"
+            " provider limits and the providers' max_connections stay the relay's totals:"
+            " each process gets its share."
+        ),
+    )
+
+    @field_validator("processes", mode="before")
+    @classmethod
+    def _processes_is_a_count(cls, value: Any) -> Any:
+        return _count_not_bool(value)
 
     @model_validator(mode="after")
     def _backoff_order(self) -> DeliverySettings:
@@ -649,12 +668,63 @@ class Settings(BaseSettings):
     def _processes_share_the_queue(self) -> Settings:
         # Processes share accepted mail through the queue database; the embedded SQLite
         # file takes one writer at a time, so more processes would only queue on its lock.
-        if self.smtp.processes > 1 and self.queue.backend != "mysql":
-            raise ValueError(
-                "smtp.processes (or environment RELAY_SMTP__PROCESSES) above 1 needs"
-                " queue.backend: mysql"
-            )
+        counts = {"smtp": self.smtp.processes, "delivery": self.delivery.processes}
+        for section, count in counts.items():
+            if count > 1 and self.queue.backend != "mysql":
+                raise ValueError(
+                    f"{section}.processes (or environment RELAY_{section.upper()}__PROCESSES)"
+                    " above 1 needs queue.backend: mysql"
+                )
         return self
+
+    @property
+    def process_count(self) -> int:
+        """All of this relay's processes: each ingests, delivers, or both."""
+        delivering = self.delivery.processes if self.delivery.enabled else 1
+        return max(self.smtp.processes, delivering)
+
+    def ingests(self, index: int) -> bool:
+        return index < self.smtp.processes
+
+    def delivers(self, index: int) -> bool:
+        return self.delivery.enabled and index < self.delivery.processes
+
+    def delivery_share(self, index: int) -> Settings:
+        """These settings as delivery process `index` applies them: its part of the totals.
+
+        Workers, provider concurrency, send rates and provider connections are limits on the
+        whole relay, so each of the `delivery.processes` gets an even part of them (at least
+        one). Circuit breakers are each process's own: a failing provider opens every
+        process's breaker after that process has seen the failures itself.
+        """
+        parts = self.delivery.processes
+        if parts == 1:
+            return self
+        delivery = self.delivery
+        limits = {}
+        for name in self.providers:
+            own = delivery.provider_limits.get(name, ProviderLimits())
+            limits[name] = own.model_copy(
+                update={
+                    "max_concurrency": _part(own.max_concurrency, index, parts),
+                    "rate_per_second": own.rate_per_second / parts if own.rate_per_second else None,
+                }
+            )
+        providers: dict[str, ProviderSettings] = {}
+        for name, spec in self.providers.items():
+            connections = getattr(spec, "max_connections", None)
+            providers[name] = (
+                spec
+                if connections is None
+                else spec.model_copy(update={"max_connections": _part(connections, index, parts)})
+            )
+        shared = delivery.model_copy(
+            update={
+                "worker_count": _part(delivery.worker_count, index, parts),
+                "provider_limits": limits,
+            }
+        )
+        return self.model_copy(update={"delivery": shared, "providers": providers})
 
     def workspace(self, workspace_id: str) -> WorkspaceSettings:
         """A configured workspace, or the open default for one that is not configured."""
@@ -672,6 +742,11 @@ class Settings(BaseSettings):
         # The YAML file arrives through init_settings (see load_settings), below the
         # environment so that a Kubernetes env var can override one key of a mounted file.
         return env_settings, init_settings
+
+
+def _part(total: int, index: int, parts: int) -> int:
+    """Process `index`'s part of `total` split `parts` ways: the remainder to the first."""
+    return max(1, total // parts + (1 if index < total % parts else 0))
 
 
 class ConfigError(Exception):

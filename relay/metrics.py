@@ -40,7 +40,8 @@ provider_health = Gauge(
     "provider_health",
     "1 while the provider's circuit is closed (in rotation), 0 while open or probing.",
     ["provider"],
-    multiprocess_mode="mostrecent",
+    # With delivery.processes above 1 each process has its own breaker: 0 if any is open.
+    multiprocess_mode="livemin",
 )
 errors_total = Counter(
     "errors_total",

@@ -1,30 +1,36 @@
-"""Extra ingest processes: `smtp.processes` event loops accepting on one set of sockets.
+"""Extra processes of one relay: `smtp.processes` and `delivery.processes` event loops.
 
 One event loop tops out at one core, and on two cores Postfix accepts mail with both
-(docs/benchmarks.md). With `smtp.processes: N` the relay's first process, which binds the
-listeners, runs delivery and HTTP and migrates the queue, starts N - 1 more that only
-accept SMTP. They are handed the listening sockets themselves rather than binding their
-own with SO_REUSEPORT: every process accepts from the one kernel queue, so a connection
-waits for whichever loop is free, and nothing queued is lost when one of them exits.
+(docs/benchmarks.md). The relay's first process binds the listeners, migrates the queue,
+serves HTTP, ingests and delivers; with `smtp.processes: N` or `delivery.processes: M` it
+starts max(N, M) - 1 more. Process `i` accepts SMTP if i < N and runs delivery workers if
+i < M. Ingest processes are handed the listening sockets themselves rather than binding
+their own with SO_REUSEPORT: every process accepts from the one kernel queue, so a
+connection waits for whichever loop is free, and nothing queued is lost when one exits.
 
 What the processes share, and how:
-- accepted mail: the MySQL queue (the embedded SQLite queue is refused with N > 1);
+- accepted mail: the MySQL queue (the embedded SQLite queue is refused with N or M > 1),
+  which delivery processes claim from as replicas do;
 - maintenance mode, rate-limit overrides, daily quotas, suppressions: the database,
   which every process already follows;
 - open sessions, for the connection limits: a count in a shared file
   (relay.ingest.tally), which the first process clears of an extra one that died;
-- rate buckets: each process holds 1/N of them (`limits.RateLimiter`);
+- rate buckets: each ingest process holds 1/N of them (`limits.RateLimiter`); workers,
+  provider limits and provider connections: each delivery process holds 1/M of them
+  (`Settings.delivery_share`); circuit breakers are each delivery process's own;
 - metrics: prometheus_client's multiprocess mode, files in PROMETHEUS_MULTIPROC_DIR,
   added up by the first process's /metrics;
-- "mail was queued" (so delivery starts at once, not at the next poll): a byte on a pipe
-  that the first process reads;
+- "there is mail to deliver" (so delivery starts at once, not at the next poll): a byte
+  on a pipe per delivery process. An ingest process wakes its own delivery workers, or
+  the first process's if it has none; a delivery process that claims a full batch, so
+  that more mail is waiting than it holds, wakes the other delivery processes;
 - the first process's life: each extra process reads its standard input, which the first
   process holds open and never writes to after the configuration; end of file means the
   first process is gone, and the extra one drains and exits instead of serving orphaned.
 
 The first process supervises the others: one that exits unexpectedly is started again,
 after a pause that doubles while it keeps failing. On SIGTERM the first process passes it
-on, and every process drains its own sessions in parallel.
+on, and every process drains its own sessions and deliveries in parallel.
 """
 
 from __future__ import annotations
@@ -42,10 +48,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relay.ingest.tally import SessionTally
 from relay.logs import event
+
+if TYPE_CHECKING:
+    from relay.config import Settings
 
 log = logging.getLogger("relay.processes")
 
@@ -93,7 +104,7 @@ def mark_dead(pid: int) -> None:
 
 
 class WakePipe:
-    """Extra processes tell the first one that mail was queued, a byte at a time.
+    """Wakes one delivery process from any other, a byte at a time.
 
     Writes never block: a full pipe already holds a wake-up the reader has not seen.
     """
@@ -103,47 +114,76 @@ class WakePipe:
         os.set_blocking(self.read_fd, False)
         os.set_blocking(self.write_fd, False)
 
-    def listen(self, on_wake: Callable[[], None]) -> None:
-        def readable() -> None:
-            with contextlib.suppress(BlockingIOError):
-                while os.read(self.read_fd, 4096):
-                    pass
-            on_wake()
-
-        asyncio.get_running_loop().add_reader(self.read_fd, readable)
-
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            asyncio.get_running_loop().remove_reader(self.read_fd)
         for fd in (self.read_fd, self.write_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
 
-def waker(write_fd: int) -> Callable[[], None]:
+def listen(read_fd: int, on_wake: Callable[[], None]) -> None:
+    def readable() -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(read_fd, 4096):
+                pass
+        on_wake()
+
+    asyncio.get_running_loop().add_reader(read_fd, readable)
+
+
+def unlisten(read_fd: int) -> None:
+    with contextlib.suppress(Exception):
+        asyncio.get_running_loop().remove_reader(read_fd)
+
+
+def waker(write_fds: list[int]) -> Callable[[], None]:
     def wake() -> None:
-        with contextlib.suppress(BlockingIOError, BrokenPipeError):
-            os.write(write_fd, b"!")
+        for fd in write_fds:
+            with contextlib.suppress(BlockingIOError, BrokenPipeError):
+                os.write(fd, b"!")
 
     return wake
 
 
-class IngestProcesses:
+@dataclass(frozen=True)
+class Roles:
+    """What process `index` of a relay does, and the pipes it wakes delivery through."""
+
+    index: int
+    ingests: bool
+    delivers: bool
+    # Write ends of the other delivery processes' pipes, by index.
+    peers: dict[int, int]
+    # This process's own pipe's read end, if it delivers.
+    woken: int | None = None
+
+    def on_queued(self, own_engine: Callable[[], None]) -> Callable[[], None]:
+        """Mail queued here: this process's workers, else the first process's."""
+        if self.delivers:
+            return own_engine
+        return waker([self.peers[0]]) if 0 in self.peers else lambda: None
+
+    def on_backlog(self) -> Callable[[], None] | None:
+        """More mail than this process holds: every other delivery process."""
+        return waker(list(self.peers.values())) if self.peers else None
+
+
+class ExtraProcesses:
     """The first process's view of the extra ones: start, restart, stop."""
 
     def __init__(
         self,
-        count: int,
+        settings: Settings,
         config_text: str | None,
         listening: list[tuple[str, int]],
-        wake_fd: int,
+        pipes: dict[int, WakePipe],
         tally: SessionTally | None,
     ) -> None:
-        self.count = count
+        self.settings = settings
+        self.count = settings.process_count - 1
         self.tally = tally
         self.config_text = config_text
         self.listening = listening
-        self.wake_fd = wake_fd
+        self.pipes = pipes
         self.children: dict[int, asyncio.subprocess.Process] = {}
         self.restarts = 0
         self._stopping = False
@@ -155,18 +195,30 @@ class IngestProcesses:
 
     async def start(self) -> None:
         self._tasks = [
-            asyncio.create_task(self._supervise(index), name=f"ingest-process-{index}")
+            asyncio.create_task(self._supervise(index), name=f"relay-process-{index}")
             for index in range(1, self.count + 1)
         ]
 
-    async def _spawn(self, index: int) -> asyncio.subprocess.Process:
-        fds = [fd for _, fd in self.listening] + [self.wake_fd]
+    def _arguments(self, index: int) -> tuple[list[str], list[int]]:
         argv = [sys.executable, "-m", "relay.processes", "--index", str(index)]
-        argv += ["--wake", str(self.wake_fd)]
-        for kind, fd in self.listening:
-            argv += ["--listen", f"{kind}={fd}"]
-        if self.tally is not None:
-            argv += ["--tally", str(self.tally.path)]
+        fds = []
+        if self.settings.ingests(index):
+            for kind, fd in self.listening:
+                argv += ["--listen", f"{kind}={fd}"]
+                fds.append(fd)
+            if self.tally is not None:
+                argv += ["--tally", str(self.tally.path)]
+        for peer, pipe in self.pipes.items():
+            if peer != index:
+                argv += ["--wake", f"{peer}={pipe.write_fd}"]
+                fds.append(pipe.write_fd)
+        if index in self.pipes:
+            argv += ["--woken", str(self.pipes[index].read_fd)]
+            fds.append(self.pipes[index].read_fd)
+        return argv, fds
+
+    async def _spawn(self, index: int) -> asyncio.subprocess.Process:
+        argv, fds = self._arguments(index)
         child = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.PIPE, pass_fds=fds
         )
@@ -179,7 +231,14 @@ class IngestProcesses:
             body = self.config_text.encode()
             child.stdin.write(b"%d\n" % len(body) + body)
         await child.stdin.drain()
-        event(log, "ingest.process_started", index=index, pid=child.pid)
+        event(
+            log,
+            "process.started",
+            index=index,
+            pid=child.pid,
+            ingests=self.settings.ingests(index),
+            delivers=self.settings.delivers(index),
+        )
         return child
 
     async def _supervise(self, index: int) -> None:
@@ -189,19 +248,19 @@ class IngestProcesses:
             try:
                 child = await self._spawn(index)
             except OSError as exc:
-                event(log, "ingest.process_failed", logging.ERROR, index=index, error=str(exc))
+                event(log, "process.failed", logging.ERROR, index=index, error=str(exc))
             else:
                 self.children[index] = child
                 code = await child.wait()
                 mark_dead(child.pid)
-                if self.tally is not None:
+                if self.tally is not None and self.settings.ingests(index):
                     # Its sessions died with it; the next one starts from none.
                     self.tally.forget(index)
                 if self._stopping:
                     return
                 event(
                     log,
-                    "ingest.process_exited",
+                    "process.exited",
                     logging.ERROR,
                     index=index,
                     pid=child.pid,
@@ -232,7 +291,7 @@ class IngestProcesses:
             try:
                 await asyncio.wait_for(child.wait(), max(0.1, deadline - time.monotonic()))
             except TimeoutError:
-                event(log, "ingest.process_killed", logging.WARNING, index=index, pid=child.pid)
+                event(log, "process.killed", logging.WARNING, index=index, pid=child.pid)
                 with contextlib.suppress(ProcessLookupError):
                     child.kill()
                 await child.wait()
@@ -264,21 +323,20 @@ def _read_config(stream: int) -> str | None:
 
 
 class _Tag(logging.Filter):
-    """Marks this process's log lines: `ingest_process`, its index (the first is 0)."""
+    """Marks this process's log lines: `process`, its index (the first is 0)."""
 
     def __init__(self, index: int) -> None:
         super().__init__()
         self.index = index
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.ingest_process = self.index
+        record.process_index = self.index
         return True
 
 
 async def _serve(
-    index: int,
+    roles: Roles,
     listening: list[tuple[str, int]],
-    wake_fd: int,
     tally_path: Path | None,
     text: str | None,
 ) -> None:
@@ -286,7 +344,8 @@ async def _serve(
     from relay.logs import configure
     from relay.service import RelayService
 
-    settings = parse_settings(text, f"ingest process {index}")
+    index = roles.index
+    settings = parse_settings(text, f"relay process {index}")
     configure(settings.log.level, settings.log.format)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_Tag(index))
@@ -294,7 +353,7 @@ async def _serve(
     tally = None
     if tally_path is not None:
         tally = SessionTally(tally_path, settings.smtp.processes, index)
-    service = RelayService(settings, inherited=inherited, on_queued=waker(wake_fd), tally=tally)
+    service = RelayService(settings, roles=roles, inherited=inherited, tally=tally)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -305,7 +364,7 @@ async def _serve(
         # Nothing more is ever written: readable means end of file, the first process died.
         if not os.read(sys.stdin.fileno(), 1):
             loop.remove_reader(sys.stdin.fileno())
-            event(log, "ingest.orphaned", logging.WARNING, index=index)
+            event(log, "process.orphaned", logging.WARNING, index=index)
             stop.set()
 
     loop.add_reader(sys.stdin.fileno(), lifeline)
@@ -314,12 +373,20 @@ async def _serve(
     await service.stop()
 
 
+def _fd_by_index(item: str) -> tuple[int, int]:
+    index, _, fd = item.partition("=")
+    return int(index), int(fd)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="relay.processes", description=__doc__)
     parser.add_argument("--index", type=int, required=True)
-    parser.add_argument("--wake", type=int, required=True)
     parser.add_argument("--listen", action="append", default=[], metavar="KIND=FD")
     parser.add_argument("--tally", type=Path, help="the shared session count's file")
+    parser.add_argument(
+        "--wake", action="append", default=[], metavar="INDEX=FD", help="a delivery pipe"
+    )
+    parser.add_argument("--woken", type=int, metavar="FD", help="this process's own pipe")
     args = parser.parse_args(argv)
     # Until the event loop takes them over, a stop signal ends a process that has not
     # accepted anything yet: nothing to drain.
@@ -332,8 +399,15 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.listen:
         kind, _, fd = item.partition("=")
         listening.append((kind, int(fd)))
+    roles = Roles(
+        index=args.index,
+        ingests=bool(listening),
+        delivers=args.woken is not None,
+        peers=dict(_fd_by_index(item) for item in args.wake),
+        woken=args.woken,
+    )
     text = _read_config(sys.stdin.fileno())
-    asyncio.run(_serve(args.index, listening, args.wake, args.tally, text))
+    asyncio.run(_serve(roles, listening, args.tally, text))
     return 0
 
 

@@ -10,7 +10,7 @@ import shutil
 import signal
 import socket
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
@@ -28,7 +28,7 @@ from relay.ingest.server import IngestServer
 from relay.ingest.tally import SessionTally
 from relay.ingest.tally import create as create_tally
 from relay.logs import event
-from relay.processes import IngestProcesses, WakePipe
+from relay.processes import ExtraProcesses, Roles, WakePipe, listen, unlisten
 from relay.queue import create_store
 
 log = logging.getLogger("relay.service")
@@ -49,10 +49,10 @@ class _EmbeddedHttpServer(uvicorn.Server):
 class RelayService:
     """One relay process.
 
-    The first (and usually only) process binds the listeners, migrates the queue, runs
-    delivery and HTTP, and starts `smtp.processes - 1` extra ones (relay.processes). An
-    extra process is this class with `inherited` sockets: SMTP ingest and the maintenance
-    gate only, telling the first process through `on_queued` that mail arrived.
+    The first (and usually only) process binds the listeners, migrates the queue, serves
+    HTTP, ingests, delivers, and starts the extra processes that `smtp.processes` and
+    `delivery.processes` ask for (relay.processes). An extra process is this class with
+    its `roles`: SMTP ingest on `inherited` sockets, delivery workers, or both.
     """
 
     def __init__(
@@ -60,16 +60,22 @@ class RelayService:
         settings: Settings,
         *,
         config_text: str | None = None,
+        roles: Roles | None = None,
         inherited: list[tuple[str, socket.socket]] | None = None,
-        on_queued: Callable[[], None] | None = None,
         tally: SessionTally | None = None,
     ) -> None:
         self.settings = settings
         self.config_text = config_text
-        self.primary = inherited is None
+        self.primary = roles is None
+        self._pipes: dict[int, WakePipe] = {}
+        if roles is None:
+            roles = self._first_roles(settings)
+        self.roles = roles
+        # Workers, provider limits and connections: this process's part of the totals.
+        share = settings.delivery_share(roles.index) if roles.delivers else settings
         self.store = create_store(settings)
-        self.providers = build_providers(settings) if self.primary else {}
-        self.router = Router(self.providers, settings)
+        self.providers = build_providers(share) if roles.delivers else {}
+        self.router = Router(self.providers, share)
         self._tally_dir: Path | None = None
         if tally is None and self.primary and settings.smtp.processes > 1:
             # The count of open sessions all processes share (relay.ingest.tally).
@@ -78,14 +84,17 @@ class RelayService:
             tally = SessionTally(self._tally_dir / "sessions", settings.smtp.processes, 0)
         self.gate = Gate(tally)
         self.handler = IngestHandler(
-            self.store, settings, gate=self.gate, on_queued=on_queued or self.wake
+            self.store, settings, gate=self.gate, on_queued=roles.on_queued(self.wake)
         )
         self.engine = DeliveryEngine(
-            self.store, self.router, settings.delivery, bounces=self.handler.bounces
+            self.store,
+            self.router,
+            share.delivery,
+            bounces=self.handler.bounces,
+            on_backlog=roles.on_backlog(),
         )
         self.ingest = IngestServer(self.handler, settings.smtp, self.gate, inherited=inherited)
-        self.ingest_processes: IngestProcesses | None = None
-        self._wake_pipe: WakePipe | None = None
+        self.extra_processes: ExtraProcesses | None = None
         self.draining = False
         self._http: _EmbeddedHttpServer | None = None
         self._http_task: asyncio.Task[None] | None = None
@@ -101,46 +110,59 @@ class RelayService:
         assert self._http is not None and self._http.servers
         return int(self._http.servers[0].sockets[0].getsockname()[1])
 
+    def _first_roles(self, settings: Settings) -> Roles:
+        # One pipe per delivery process beside this one; this process's own wake-ups from
+        # the others arrive on a pipe too.
+        delivering = settings.delivery.processes if settings.delivery.enabled else 1
+        if settings.process_count > 1 and settings.delivery.enabled:
+            self._pipes = {index: WakePipe() for index in range(delivering)}
+        return Roles(
+            index=0,
+            ingests=True,
+            delivers=settings.delivery.enabled,
+            peers={i: pipe.write_fd for i, pipe in self._pipes.items() if i != 0},
+            woken=self._pipes[0].read_fd if self._pipes else None,
+        )
+
     def wake(self) -> None:
         self.engine.wake()
 
     async def start(self) -> None:
         await self.store.open()
-        if not self.primary:
-            await self._observe()
-            await self.ingest.start()
-            self._monitor_task = asyncio.create_task(self._monitor(), name="monitor")
-            return
-        applied = await self.store.migrate()
-        if applied:
-            event(log, "queue.migrated", backend=self.store.backend, versions=applied)
+        if self.primary:
+            applied = await self.store.migrate()
+            if applied:
+                event(log, "queue.migrated", backend=self.store.backend, versions=applied)
         await self._observe()
-        if self.settings.delivery.enabled:
+        if self.roles.delivers:
+            if self.roles.woken is not None:
+                listen(self.roles.woken, self.wake)
             await self.engine.start()
-        if self.settings.http.enabled:
+        if self.primary and self.settings.http.enabled:
             await self._start_http()
-        await self.ingest.start()
-        if self.settings.smtp.processes > 1:
-            await self._start_ingest_processes()
+        if self.roles.ingests:
+            await self.ingest.start()
+        if self.primary and self.settings.process_count > 1:
+            await self._start_extra_processes()
         self._monitor_task = asyncio.create_task(self._monitor(), name="monitor")
-        event(
-            log,
-            "relay.started",
-            backend=self.store.backend,
-            providers=",".join(self.settings.delivery.providers),
-        )
+        if self.primary:
+            event(
+                log,
+                "relay.started",
+                backend=self.store.backend,
+                providers=",".join(self.settings.delivery.providers),
+                processes=self.settings.process_count,
+            )
 
-    async def _start_ingest_processes(self) -> None:
-        self._wake_pipe = WakePipe()
-        self._wake_pipe.listen(self.wake)
-        self.ingest_processes = IngestProcesses(
-            self.settings.smtp.processes - 1,
+    async def _start_extra_processes(self) -> None:
+        self.extra_processes = ExtraProcesses(
+            self.settings,
             self.config_text,
             self.ingest.listening(),
-            self._wake_pipe.write_fd,
+            self._pipes,
             self.gate.tally,
         )
-        await self.ingest_processes.start()
+        await self.extra_processes.start()
 
     async def _start_http(self) -> None:
         config = uvicorn.Config(
@@ -233,14 +255,17 @@ class RelayService:
         if self._monitor_task is not None:
             self._monitor_task.cancel()
             await asyncio.gather(self._monitor_task, return_exceptions=True)
-        if self.ingest_processes is not None:
+        if self.extra_processes is not None:
             # The extra processes drain alongside this one, not after it.
-            self.ingest_processes.signal_stop()
-        await self.ingest.drain(grace)
-        if self.ingest_processes is not None:
-            await self.ingest_processes.wait(grace)
-        if self._wake_pipe is not None:
-            self._wake_pipe.close()
+            self.extra_processes.signal_stop()
+        if self.roles.ingests:
+            await self.ingest.drain(grace)
+        if self.extra_processes is not None:
+            await self.extra_processes.wait(grace)
+        if self.roles.woken is not None:
+            unlisten(self.roles.woken)
+        for pipe in self._pipes.values():
+            pipe.close()
         await self.engine.stop()
         await self.router.close()
         if self._http is not None and self._http_task is not None:

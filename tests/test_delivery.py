@@ -480,3 +480,59 @@ async def test_a_send_that_outlasts_the_attempt_timeout_is_cut_off(
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_shutdown_during_a_claim_hands_back_what_the_claim_took(
+    start_relay: StartRelay,
+) -> None:
+    """SIGTERM while the database answers a claim: its messages are released, not stranded.
+
+    The claim runs against the real queue; only its answer reaches the engine late, as it
+    does from a busy MySQL server, so that stop() arrives after the lease was written.
+    """
+    service = await start_relay(delivery={"process_interval": "1h", "worker_count": 1})
+    await service.engine.stop()
+    for _ in range(3):
+        await service.store.enqueue(
+            NewMessage(
+                id=new_queue_id(),
+                workspace_id="default",
+                from_email="a@example.org",
+                recipients=("b@example.net",),
+                subject=None,
+                content=b"\r\nx\r\n",
+                queued_at=utcnow(),
+            )
+        )
+    from relay.delivery.engine import DeliveryEngine
+
+    claimed = asyncio.Event()
+    real_claim = service.store.claim
+
+    async def slow_answer(**arguments: Any) -> Any:
+        rows = await real_claim(**arguments)
+        if rows:
+            claimed.set()
+            await asyncio.sleep(0.5)
+        return rows
+
+    engine = DeliveryEngine(service.store, service.router, service.settings.delivery)
+    engine.store = _StoreWithClaim(service.store, slow_answer)  # type: ignore[assignment]
+    await engine.start()
+    await asyncio.wait_for(claimed.wait(), 10)
+    await engine.stop()
+
+    stats = await service.store.stats(now=utcnow())
+    assert stats.counts.get("processing", 0) == 0, stats.counts
+    assert stats.counts.get("queued", 0) + stats.counts.get("sent", 0) == 3
+
+
+class _StoreWithClaim:
+    """The real store, with claim answers passed through `claim`."""
+
+    def __init__(self, store: Any, claim: Any) -> None:
+        self._store = store
+        self.claim = claim
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)

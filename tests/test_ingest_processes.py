@@ -3,7 +3,7 @@
 Real parts throughout: `smtp-relay serve` as its users start it, a real MariaDB queue,
 smtplib clients, the outbox provider writing what it delivers to a directory. Which process
 takes a connection is the kernel's choice, so the tests send enough sessions for every
-process to take some and read which one did from the JSON logs (`ingest_process`).
+process to take some and read which one did from the JSON logs (`process_index`).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class Relay:
 
     def children(self) -> dict[int, int]:
         """Index to pid of the extra processes, the latest start of each."""
-        return {e["index"]: e["pid"] for e in self.events("ingest.process_started")}
+        return {e["index"]: e["pid"] for e in self.events("process.started")}
 
     def get(self, path: str) -> str:
         url = f"http://127.0.0.1:{self.http_port}{path}"
@@ -200,7 +200,7 @@ def test_every_process_accepts_into_one_queue_and_delivery_starts_at_once(relay:
     delivered = relay.delivered()
     assert sorted(delivered) == sorted(queued), "each delivered once, none other"
 
-    by_process = Counter(e.get("ingest_process", 0) for e in relay.events("smtp.queued"))
+    by_process = Counter(e.get("process_index", 0) for e in relay.events("smtp.queued"))
     assert sum(by_process.values()) == 240
     assert set(by_process) == set(range(PROCESSES)), f"every process took mail: {by_process}"
 
@@ -210,7 +210,7 @@ def test_every_process_accepts_into_one_queue_and_delivery_starts_at_once(relay:
     assert relay.metric("maintenance_mode") == 0, "written before maintenance was ever set"
     health = relay.health()
     assert health["status"] == "healthy"
-    assert health["checks"]["ingest_processes"]["message"].startswith("3 of 3 running")
+    assert health["checks"]["processes"]["message"].startswith("3 of 3 running")
 
     assert relay.stop() == 0
     assert not any(alive(pid) for pid in relay.children().values())
@@ -236,7 +236,7 @@ def test_maintenance_mode_reaches_every_process(relay: Relay) -> None:
 
     def all_closed() -> bool:
         shut = relay.events("relay.maintenance")
-        return {e.get("ingest_process", 0) for e in shut if e["enabled"]} == {0, 1, 2}
+        return {e.get("process_index", 0) for e in shut if e["enabled"]} == {0, 1, 2}
 
     relay.wait_for(all_closed, "every process in maintenance", timeout=15)
     for _ in range(12):
@@ -263,7 +263,7 @@ def test_a_killed_process_is_started_again_and_no_accepted_mail_is_lost(relay: R
         queued = load.result(timeout=120)
 
     relay.wait_for(lambda: relay.children()[1] != victim, "process 1 started again")
-    exited = relay.events("ingest.process_exited")
+    exited = relay.events("process.exited")
     assert [(e["index"], e["pid"], e["returncode"]) for e in exited] == [(1, victim, -9)]
 
     # A session cut off by the kill was never answered 250: its client still holds the
@@ -279,10 +279,10 @@ def test_a_killed_process_is_started_again_and_no_accepted_mail_is_lost(relay: R
     assert len(set(delivered) - set(answered)) <= 10
 
     relay.wait_for(
-        lambda: relay.health()["checks"]["ingest_processes"]["status"] == "healthy",
+        lambda: relay.health()["checks"]["processes"]["status"] == "healthy",
         "healthy again",
     )
-    assert "1 restarts" in relay.health()["checks"]["ingest_processes"]["message"]
+    assert "1 restarts" in relay.health()["checks"]["processes"]["message"]
     assert relay.stop() == 0
 
 
@@ -316,7 +316,7 @@ def test_sigterm_lets_every_process_finish_its_open_transactions(relay: Relay) -
         client.close()
     assert relay.process.wait(timeout=40) == 0
     assert not any(alive(pid) for pid in children)
-    by_process = {e.get("ingest_process", 0) for e in relay.events("smtp.queued")}
+    by_process = {e.get("process_index", 0) for e in relay.events("smtp.queued")}
     assert len(by_process) > 1, "the transactions were spread over the processes"
     # Each answered message is in the queue: delivered before the exit, or still queued
     # for the next start if it came in after the delivery workers had stopped.
@@ -337,7 +337,7 @@ def test_extra_processes_exit_when_the_first_one_dies(relay: Relay) -> None:
     while any(alive(pid) for pid in children):
         assert time.monotonic() < deadline, "an extra process outlived the first"
         time.sleep(0.1)
-    assert len(relay.events("ingest.orphaned")) == PROCESSES - 1
+    assert len(relay.events("process.orphaned")) == PROCESSES - 1
 
 
 def test_more_processes_need_the_mysql_queue() -> None:
@@ -464,4 +464,4 @@ def test_extra_processes_of_a_relay_configured_by_environment_alone(
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
-    assert '"ingest_process": 1' in log.read_text()
+    assert '"process_index": 1' in log.read_text()

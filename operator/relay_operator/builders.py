@@ -284,6 +284,7 @@ def relay_config(relay: Relay, providers: Sequence[Provider]) -> dict[str, Any]:
             "providers": [p.name for p in providers],
             "worker_count": spec.delivery.worker_count,
             "batch_size": spec.delivery.batch_size,
+            "processes": spec.delivery.processes,
             "process_interval": spec.delivery.process_interval,
             "shutdown_grace": spec.delivery.shutdown_grace,
         },

@@ -454,6 +454,15 @@ class Delivery(Schema):
     process_interval: Duration = Field(
         "10s", description="Poll period for mail other replicas queued."
     )
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Processes per pod running delivery workers (the relay's "
+        "delivery.processes); worker_count and the provider limits are split between them. "
+        "Worth it only when one process's event loop is the limit and the pod has a core "
+        "to spare. More than 1 needs queue.backend mysql.",
+    )
     shutdown_grace: Duration = Field(
         "25s",
         description="Time sessions and deliveries get to finish on SIGTERM; the pod's "
@@ -802,6 +811,13 @@ class SmtpRelaySpec(Schema):
                 "spec.smtp.processes above 1 needs spec.queue.backend mysql: the processes "
                 "share accepted mail through the queue database",
                 fieldPath=".smtp.processes",
+                reason="FieldValueInvalid",
+            ),
+            cel(
+                "self.queue.backend == 'mysql' || self.delivery.processes <= 1",
+                "spec.delivery.processes above 1 needs spec.queue.backend mysql: the "
+                "processes claim mail from the queue database",
+                fieldPath=".delivery.processes",
                 reason="FieldValueInvalid",
             ),
             cel(

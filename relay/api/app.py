@@ -447,16 +447,16 @@ async def _health(relay: RelayView) -> Health:
     if states and not any(entry["healthy"] for entry in states.values()) and status == "healthy":
         status = "degraded"
 
-    extra = getattr(relay, "ingest_processes", None)
+    extra = getattr(relay, "extra_processes", None)
     if extra is not None:
-        # The first process still accepts on the shared sockets: fewer processes is less
-        # capacity, not an outage.
+        # The first process still accepts on the shared sockets and delivers: fewer
+        # processes is less capacity, not an outage.
         message = f"{extra.running + 1} of {extra.count + 1} running, {extra.restarts} restarts"
         if extra.running < extra.count:
-            checks["ingest_processes"] = Check(status="unhealthy", message=message)
+            checks["processes"] = Check(status="unhealthy", message=message)
             status = "degraded" if status == "healthy" else status
         else:
-            checks["ingest_processes"] = Check(status="healthy", message=message)
+            checks["processes"] = Check(status="healthy", message=message)
 
     if "database" in checks and checks["database"].status == "healthy":
         depth = (await relay.store.stats(now=utcnow())).depth()

@@ -16,7 +16,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 from relay import metrics
@@ -53,8 +53,12 @@ class DeliveryEngine:
         *,
         worker_id: str | None = None,
         bounces: BounceProcessor | None = None,
+        on_backlog: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
+        # Called when a claim comes back full: more mail is due than this engine holds, so
+        # the relay's other delivery processes should look too (relay.processes).
+        self.on_backlog = on_backlog
         self.router = router
         self.bounces = bounces
         self.settings = settings
@@ -67,6 +71,7 @@ class DeliveryEngine:
         self._workers: list[asyncio.Task[None]] = []
         self._stopping = False
         self.outcomes = OutcomeRecorder(store, self.worker_id)
+        self._refill_at = max(1, min(settings.batch_size, settings.worker_count) // 2)
 
     @property
     def held(self) -> int:
@@ -87,12 +92,23 @@ class DeliveryEngine:
             asyncio.create_task(self._work(), name=f"delivery-worker-{n}")
             for n in range(self.settings.worker_count)
         ]
+        event(log, "delivery.started", workers=self.settings.worker_count)
 
     async def stop(self, grace: timedelta | None = None) -> None:
         """Stop claiming, hand back what was not started, let deliveries finish, release."""
         self._stopping = True
-        for task in self._tasks:
+        timeout = (grace or self.settings.shutdown_grace).total_seconds()
+        dispatcher = self._tasks[0] if self._tasks else None
+        for task in self._tasks[1:]:
             task.cancel()
+        if dispatcher is not None:
+            # Not cancelled mid-claim: a claim the database committed but this process never
+            # saw would stay leased, undelivered, until the lease ran out. The dispatcher
+            # sees `_stopping` once its claim is in the buffer, and the buffer is handed back.
+            self.wake()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(dispatcher), timeout)
+            dispatcher.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
         unstarted = []
@@ -104,7 +120,6 @@ class DeliveryEngine:
 
         for _ in self._workers:
             self._buffer.put_nowait(None)
-        timeout = (grace or self.settings.shutdown_grace).total_seconds()
         _, late = await asyncio.wait(self._workers, timeout=timeout) if self._workers else ((), ())
         for task in late:
             task.cancel()
@@ -136,9 +151,16 @@ class DeliveryEngine:
     # Claiming
 
     def _capacity(self) -> int:
-        # Keep about one round of work buffered beyond the busy workers, no more: claimed
-        # mail sitting in one replica's buffer is mail another replica could be sending.
-        return min(self.settings.batch_size, 2 * self.settings.worker_count - len(self._held))
+        """How many messages to claim now; 0 until a claim is worth its round trips.
+
+        Keep about one round of work buffered beyond the busy workers, no more: claimed
+        mail sitting in one replica's buffer is mail another replica could be sending. And
+        refill only once half a round is free: a claim costs the same two round trips and
+        commit for one message as for fifty, and under a backlog claiming each time one
+        delivery ends spent most of them on one or two messages.
+        """
+        free = min(self.settings.batch_size, 2 * self.settings.worker_count - len(self._held))
+        return free if free >= self._refill_at else 0
 
     async def _dispatch(self) -> None:
         interval = self.settings.process_interval.total_seconds()
@@ -162,6 +184,8 @@ class DeliveryEngine:
                     self._held.add(message.id)
                     self._buffer.put_nowait(message)
                 if len(claimed) == limit:
+                    if self.on_backlog is not None:
+                        self.on_backlog()
                     continue
             # Woken at every delivery's end: asyncio.timeout rather than wait_for, which
             # would start a task for every wait.

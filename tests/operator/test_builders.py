@@ -77,6 +77,19 @@ def test_production_config_loads_in_the_relay(
     assert settings.http.admin_tokens[0].token_file is not None
 
 
+def test_delivery_processes_reach_the_relay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    obj = _example("smtprelay-production.yaml", "SmtpRelay")
+    obj["spec"]["delivery"]["processes"] = 2
+    relay = Relay("relay", "clinic", "uid-1", SmtpRelaySpec.model_validate(obj["spec"]))
+    settings = load_as_the_relay_would(relay, PROVIDERS, tmp_path, monkeypatch)
+    assert settings.delivery.processes == 2
+    assert settings.process_count == 2
+    # The relay splits the spec's totals itself: the config carries them whole.
+    assert settings.delivery.worker_count == obj["spec"]["delivery"]["workerCount"]
+
+
 def test_embedded_config_loads_in_the_relay(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -168,6 +168,11 @@ def test_crds_are_documented_for_kubectl_explain(installed: Cluster) -> None:
             "spec.smtp.processes",
             "greater than or equal to 1",
         ),
+        (
+            {"kind": "SmtpRelay", "spec": {"providers": ["p"], "delivery": {"processes": 3}}},
+            "spec.delivery.processes",
+            "needs spec.queue.backend mysql",
+        ),
     ],
     ids=[
         "six-field-cron",
@@ -183,6 +188,7 @@ def test_crds_are_documented_for_kubectl_explain(installed: Cluster) -> None:
         "canary-settings-on-blue-green",
         "processes-with-sqlite",
         "no-processes",
+        "delivery-processes-with-sqlite",
     ],
 )
 def test_invalid_resources_are_refused_naming_the_field(
