@@ -5,14 +5,17 @@ outcome or error kind from a fixed list, a reply class. Never an address, a mess
 free text. Queue gauges are read from the shared database by every replica, so any one
 replica's scrape shows the whole queue, not its own share.
 
-With `smtp.processes` above 1 the processes of one relay write their samples to files in
-`PROMETHEUS_MULTIPROC_DIR` (prometheus_client's multiprocess mode, chosen before this module
-is imported) and /metrics adds them up. Each gauge says how: figures read from the database
+With `smtp.processes` or `delivery.processes` above 1 the processes of one relay write their
+samples to files in `PROMETHEUS_MULTIPROC_DIR` (prometheus_client's multiprocess mode,
+chosen before this module is imported) and /metrics adds them up. Each gauge says how: figures read from the database
 or about the whole relay take the latest value written (`mostrecent`), per-process counts
-add up over the processes alive (`livesum`). Counters and histograms always add up.
+add up over the processes alive (`livesum`), and a provider is healthy only while every
+delivery process finds it so (`livemin`). Counters and histograms always add up.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -97,3 +100,16 @@ maintenance_mode = Gauge(
     "1 while new SMTP sessions are refused for maintenance.",
     multiprocess_mode="mostrecent",
 )
+
+
+_children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, looked up once: delivery asks for the same few on every
+    message, and prometheus_client validates and locks on each call."""
+    key = (id(metric), labels)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*labels)
+    return found

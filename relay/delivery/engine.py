@@ -271,9 +271,9 @@ class DeliveryEngine:
         await self._learn_from_refusals(message, routed.attempts)
         elapsed = time.monotonic() - started
         outcome = _OUTCOMES.get(result.status.value, result.status.value)
-        metrics.emails_processed_total.labels(message.workspace_id, outcome).inc()
+        metrics.child(metrics.emails_processed_total, message.workspace_id, outcome).inc()
         if outcome == "sent":
-            metrics.emails_delivered_total.labels(message.workspace_id).inc()
+            metrics.child(metrics.emails_delivered_total, message.workspace_id).inc()
         metrics.email_processing_duration_seconds.observe(elapsed)
         event(
             log,

@@ -195,8 +195,8 @@ class Router:
                 continue
             route.breaker.success()
             route.last_success_at = time.time()
-            metrics.provider_requests_total.labels(name, "success").inc()
-            metrics.provider_health.labels(name).set(1)
+            metrics.child(metrics.provider_requests_total, name, "success").inc()
+            metrics.child(metrics.provider_health, name).set(1)
             by_address = {result.address: result for result in results}
             outcome = {
                 r.row_id: by_address[r.address] for r in remaining if r.address in by_address

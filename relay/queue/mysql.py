@@ -367,8 +367,10 @@ async def _send(
     sql = ";\n".join(_dialect(text) for text, _ in statements)
     params = [value for _, values in statements for value in values]
     # Interpolated here rather than by aiomysql, for the raw message's sake: see
-    # _binary_literal. Executed without arguments, so nothing is done twice.
-    literals = tuple(_literal(cursor.connection, value) for value in params)
+    # _binary_literal. Executed without arguments, so nothing is done twice. A group's
+    # CASE lists name each id and timestamp five or six times: each is escaped once.
+    escaped: dict[tuple[type, Any], str] = {}
+    literals = tuple(_literal(cursor.connection, value, escaped) for value in params)
     await cursor.execute(sql % literals)
     first = int(cursor.rowcount)
     results = [[tuple(row) for row in await cursor.fetchall() or ()]]
@@ -437,8 +439,18 @@ def _binary_literal(value: bytes) -> str:
     return "_binary'" + value.decode("ascii", "surrogateescape") + "'"
 
 
-def _literal(conn: aiomysql.Connection, value: Any) -> str:
-    return _binary_literal(value) if isinstance(value, bytes) else str(conn.escape(value))
+def _literal(conn: aiomysql.Connection, value: Any, escaped: dict[tuple[type, Any], str]) -> str:
+    if isinstance(value, bytes):
+        return _binary_literal(value)
+    # The type is part of the key: True == 1 and 1 == 1.0, but their literals differ.
+    key = (type(value), value)
+    try:
+        return escaped[key]
+    except KeyError:
+        literal = escaped[key] = str(conn.escape(value))
+        return literal
+    except TypeError:  # unhashable: a list, escaped as PyMySQL does
+        return str(conn.escape(value))
 
 
 async def _rollback_quietly(conn: aiomysql.Connection) -> None:
