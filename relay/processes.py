@@ -90,10 +90,40 @@ def prepare_metrics_dir() -> Path:
         for stale in path.glob("*.db"):
             stale.unlink()
         return path
-    path = Path(tempfile.mkdtemp(prefix="smtp-relay-metrics-"))
+    sweep_private_metrics_dirs()
+    path = Path(tempfile.mkdtemp(prefix=f"{_PRIVATE_PREFIX}{os.getpid()}-"))
     os.environ[METRICS_DIR_ENV] = str(path)
     atexit.register(shutil.rmtree, path, True)
     return path
+
+
+_PRIVATE_PREFIX = "smtp-relay-metrics-"
+
+
+def sweep_private_metrics_dirs() -> list[Path]:
+    """Remove the private metrics directories of relays that died without their atexit
+    (SIGKILL, OOM): each is named after the pid that made it, and only this user's go."""
+    removed = []
+    for path in Path(tempfile.gettempdir()).glob(f"{_PRIVATE_PREFIX}*-*"):
+        pid = path.name[len(_PRIVATE_PREFIX) :].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or path.stat().st_uid != os.getuid() or _alive(int(pid)):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def mark_dead(pid: int) -> None:

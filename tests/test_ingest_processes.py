@@ -12,10 +12,13 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import smtplib
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 import urllib.request
 from collections import Counter
@@ -465,3 +468,34 @@ def test_extra_processes_of_a_relay_configured_by_environment_alone(
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     assert '"process_index": 1' in log.read_text()
+
+
+def test_private_metrics_directories_of_dead_relays_are_swept(tmp_path: Path) -> None:
+    """A relay killed with SIGKILL leaves its metrics directory; the next one removes it."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    temp = Path(tempfile.gettempdir())
+    dead = temp / f"smtp-relay-metrics-{gone.pid}-test{secrets.token_hex(3)}"
+    dead.mkdir()
+    (dead / "counter_1.db").write_bytes(b"samples of a relay long gone")
+    living = temp / f"smtp-relay-metrics-{os.getpid()}-test{secrets.token_hex(3)}"
+    living.mkdir()
+    try:
+        made = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from relay.processes import prepare_metrics_dir; print(prepare_metrics_dir())",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
+        ).stdout.strip()
+        assert not dead.exists()
+        assert living.exists(), "a live process's directory is kept"
+        assert Path(made).name.startswith("smtp-relay-metrics-")
+        assert not Path(made).exists(), "the relay's own went at its exit"
+    finally:
+        shutil.rmtree(dead, ignore_errors=True)
+        shutil.rmtree(living, ignore_errors=True)
