@@ -111,8 +111,8 @@ class RelayService:
         return int(self._http.servers[0].sockets[0].getsockname()[1])
 
     def _first_roles(self, settings: Settings) -> Roles:
-        # One pipe per delivery process beside this one; this process's own wake-ups from
-        # the others arrive on a pipe too.
+        # A pipe per delivery process, this one's included, so that any process can wake
+        # any delivery process (relay.processes.Roles).
         delivering = settings.delivery.processes if settings.delivery.enabled else 1
         if settings.process_count > 1 and settings.delivery.enabled:
             self._pipes = {index: WakePipe() for index in range(delivering)}
