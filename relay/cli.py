@@ -479,12 +479,14 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 async def _serve(settings: Settings, config_text: str | None) -> int:
-    from relay.processes import multiprocess_metrics, prepare_metrics_dir
+    from relay.processes import multiprocess_metrics, prepare_metrics_dir, tag_logs
 
     if settings.process_count > 1 or multiprocess_metrics():
         # Before relay.service imports the metrics: prometheus_client picks its storage
         # then. A directory given in the environment is emptied of an earlier run's samples.
         prepare_metrics_dir()
+    if settings.process_count > 1:
+        tag_logs(0)
     from relay.service import RelayService
 
     service = RelayService(settings, config_text=config_text)

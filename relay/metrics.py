@@ -7,10 +7,11 @@ replica's scrape shows the whole queue, not its own share.
 
 With `smtp.processes` or `delivery.processes` above 1 the processes of one relay write their
 samples to files in `PROMETHEUS_MULTIPROC_DIR` (prometheus_client's multiprocess mode,
-chosen before this module is imported) and /metrics adds them up. Each gauge says how: figures read from the database
-or about the whole relay take the latest value written (`mostrecent`), per-process counts
-add up over the processes alive (`livesum`), and a provider is healthy only while every
-delivery process finds it so (`livemin`). Counters and histograms always add up.
+chosen before this module is imported) and /metrics adds them up. Each gauge says how:
+figures read from the database or about the whole relay take the latest value written
+(`mostrecent`), per-process counts add up over the processes alive (`livesum`), and a
+provider is healthy only while every delivery process finds it so (`livemin`). Counters
+and histograms always add up.
 """
 
 from __future__ import annotations

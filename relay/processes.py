@@ -90,22 +90,25 @@ def prepare_metrics_dir() -> Path:
         for stale in path.glob("*.db"):
             stale.unlink()
         return path
-    sweep_private_metrics_dirs()
-    path = Path(tempfile.mkdtemp(prefix=f"{_PRIVATE_PREFIX}{os.getpid()}-"))
+    path = private_dir("smtp-relay-metrics-")
     os.environ[METRICS_DIR_ENV] = str(path)
     atexit.register(shutil.rmtree, path, True)
     return path
 
 
-_PRIVATE_PREFIX = "smtp-relay-metrics-"
+def private_dir(prefix: str) -> Path:
+    """A new temporary directory named after this process, once those of dead ones with the
+    same prefix are gone: a relay killed with SIGKILL or by the OOM killer never ran its
+    clean-up, and the next one does it."""
+    sweep_dead_dirs(prefix)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
 
 
-def sweep_private_metrics_dirs() -> list[Path]:
-    """Remove the private metrics directories of relays that died without their atexit
-    (SIGKILL, OOM): each is named after the pid that made it, and only this user's go."""
+def sweep_dead_dirs(prefix: str) -> list[Path]:
+    """Remove this user's `<prefix><pid>-*` temporary directories whose pid is gone."""
     removed = []
-    for path in Path(tempfile.gettempdir()).glob(f"{_PRIVATE_PREFIX}*-*"):
-        pid = path.name[len(_PRIVATE_PREFIX) :].split("-", 1)[0]
+    for path in Path(tempfile.gettempdir()).glob(f"{prefix}*-*"):
+        pid = path.name[len(prefix) :].split("-", 1)[0]
         try:
             if not pid.isdigit() or path.stat().st_uid != os.getuid() or _alive(int(pid)):
                 continue
@@ -280,6 +283,8 @@ class ExtraProcesses:
             except OSError as exc:
                 event(log, "process.failed", logging.ERROR, index=index, error=str(exc))
             else:
+                if index in self.children:
+                    self.restarts += 1
                 self.children[index] = child
                 code = await child.wait()
                 mark_dead(child.pid)
@@ -296,7 +301,6 @@ class ExtraProcesses:
                     pid=child.pid,
                     returncode=code,
                 )
-                self.restarts += 1
             if time.monotonic() - started > _STABLE_S:
                 pause = _RESTART_FIRST_S
             await asyncio.sleep(pause)
@@ -352,8 +356,14 @@ def _read_config(stream: int) -> str | None:
     return body.decode()
 
 
+def tag_logs(index: int) -> None:
+    """Mark every log line of this process with `process_index` (the first process is 0)."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_Tag(index))
+
+
 class _Tag(logging.Filter):
-    """Marks this process's log lines: `process`, its index (the first is 0)."""
+    """Marks this process's log lines: `process_index`."""
 
     def __init__(self, index: int) -> None:
         super().__init__()
@@ -377,8 +387,7 @@ async def _serve(
     index = roles.index
     settings = parse_settings(text, f"relay process {index}")
     configure(settings.log.level, settings.log.format)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_Tag(index))
+    tag_logs(index)
     inherited = [(kind, socket.socket(fileno=fd)) for kind, fd in listening]
     tally = None
     if tally_path is not None:

@@ -9,7 +9,6 @@ import logging
 import shutil
 import signal
 import socket
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from relay.ingest.server import IngestServer
 from relay.ingest.tally import SessionTally
 from relay.ingest.tally import create as create_tally
 from relay.logs import event
-from relay.processes import ExtraProcesses, Roles, WakePipe, listen, unlisten
+from relay.processes import ExtraProcesses, Roles, WakePipe, listen, private_dir, unlisten
 from relay.queue import create_store
 
 log = logging.getLogger("relay.service")
@@ -79,7 +78,7 @@ class RelayService:
         self._tally_dir: Path | None = None
         if tally is None and self.primary and settings.smtp.processes > 1:
             # The count of open sessions all processes share (relay.ingest.tally).
-            self._tally_dir = Path(tempfile.mkdtemp(prefix="smtp-relay-sessions-"))
+            self._tally_dir = private_dir("smtp-relay-sessions-")
             create_tally(self._tally_dir / "sessions", settings.smtp.processes)
             tally = SessionTally(self._tally_dir / "sessions", settings.smtp.processes, 0)
         self.gate = Gate(tally)

@@ -165,12 +165,12 @@ def test_a_backlog_is_shared_by_every_delivery_process_within_the_relays_limits(
     pids = {relay.process.pid, *children.values()}
     assert set(most) == pids, "every delivery process connected to the smarthost"
     assert max(most.values()) <= CONNECTIONS // DELIVERING
-    by_process = Counter(e.get("process_index", 0) for e in relay.events("delivery.attempt"))
+    by_process = Counter(e["process_index"] for e in relay.events("delivery.attempt"))
     assert set(by_process) == {0, 1, 2}, by_process
     assert sum(by_process.values()) == 60
     # Each message reached the smarthost once.
     assert recipients_at_sink(slow_sink) == Counter(f"patient{n}@example.net" for n in range(60))
-    workers = {e.get("process_index", 0): e["workers"] for e in relay.events("delivery.started")}
+    workers = {e["process_index"]: e["workers"] for e in relay.events("delivery.started")}
     assert workers == {0: 2, 1: 2, 2: 2}
 
 
@@ -181,7 +181,7 @@ def test_sigterm_lets_every_delivery_process_finish_and_hand_back_the_rest(
     queued = send_all(relay.smtp_port, 90)
     assert None not in queued
     relay.wait_for(
-        lambda: {e.get("process_index", 0) for e in relay.events("delivery.attempt")} == {0, 1, 2},
+        lambda: {e["process_index"] for e in relay.events("delivery.attempt")} == {0, 1, 2},
         "every process delivered",
     )
     children = list(relay.children().values())

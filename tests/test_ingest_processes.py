@@ -203,7 +203,7 @@ def test_every_process_accepts_into_one_queue_and_delivery_starts_at_once(relay:
     delivered = relay.delivered()
     assert sorted(delivered) == sorted(queued), "each delivered once, none other"
 
-    by_process = Counter(e.get("process_index", 0) for e in relay.events("smtp.queued"))
+    by_process = Counter(e["process_index"] for e in relay.events("smtp.queued"))
     assert sum(by_process.values()) == 240
     assert set(by_process) == set(range(PROCESSES)), f"every process took mail: {by_process}"
 
@@ -239,7 +239,7 @@ def test_maintenance_mode_reaches_every_process(relay: Relay) -> None:
 
     def all_closed() -> bool:
         shut = relay.events("relay.maintenance")
-        return {e.get("process_index", 0) for e in shut if e["enabled"]} == {0, 1, 2}
+        return {e["process_index"] for e in shut if e["enabled"]} == {0, 1, 2}
 
     relay.wait_for(all_closed, "every process in maintenance", timeout=15)
     for _ in range(12):
@@ -319,7 +319,7 @@ def test_sigterm_lets_every_process_finish_its_open_transactions(relay: Relay) -
         client.close()
     assert relay.process.wait(timeout=40) == 0
     assert not any(alive(pid) for pid in children)
-    by_process = {e.get("process_index", 0) for e in relay.events("smtp.queued")}
+    by_process = {e["process_index"] for e in relay.events("smtp.queued")}
     assert len(by_process) > 1, "the transactions were spread over the processes"
     # Each answered message is in the queue: delivered before the exit, or still queued
     # for the next start if it came in after the delivery workers had stopped.

@@ -429,3 +429,57 @@ async def test_a_transaction_cancelled_while_it_begins_leaves_the_queue_usable(
 
     stats = await store.stats(now=utcnow())
     assert stats.counts == {"queued": 1}
+
+
+def _deadlocks(connection: Any) -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW GLOBAL STATUS LIKE 'Innodb_deadlocks'")
+        return int(cursor.fetchone()[1])
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+async def test_a_lease_renewal_that_loses_a_deadlock_is_run_again(
+    store: SqlStore, queue_settings: dict[str, Any], mariadb: Any
+) -> None:
+    """InnoDB rolls back one of two transactions that wait on each other; the relay's
+    renewal, the lighter of the two here, is that victim and must still renew its leases."""
+    first = new_message()
+    await store.enqueue(first)
+    await asyncio.sleep(0.01)  # ids and due times in this order, whichever index is read
+    second = new_message()
+    await store.enqueue(second)
+    claimed = await store.claim(worker_id="w", limit=2, lease=LEASE, now=utcnow())
+    assert [message.id for message in claimed] == [first.id, second.id]
+    heavy = new_message(*(f"p{n}@example.net" for n in range(40)))
+    await store.enqueue(heavy)
+    other = mariadb.admin()
+    other.select_db(queue_settings["mysql"]["database"])
+    before = _deadlocks(other)
+
+    # Another transaction holds the second message, after forty recipient rows of a third
+    # message that make it the heavier one, which InnoDB keeps.
+    other.begin()
+    with other.cursor() as cursor:
+        cursor.execute(
+            "UPDATE message_recipients SET error = 'held' WHERE message_id = %s", (heavy.id,)
+        )
+        cursor.execute("UPDATE messages SET error = 'held' WHERE id = %s", (second.id,))
+    # The renewal locks the first message, then waits for the second.
+    renewal = asyncio.create_task(
+        store.renew(worker_id="w", message_ids=[first.id, second.id], until=utcnow() + LEASE)
+    )
+    await asyncio.sleep(0.5)
+    assert not renewal.done()
+
+    # The other now wants the first message: a cycle, and InnoDB breaks it.
+    def close_the_cycle() -> None:
+        with other.cursor() as cursor:
+            cursor.execute("UPDATE messages SET error = 'held' WHERE id = %s", (first.id,))
+        other.commit()
+
+    await asyncio.to_thread(close_the_cycle)
+    renewed = await asyncio.wait_for(renewal, 30)
+
+    assert _deadlocks(other) == before + 1, "the renewal met a deadlock"
+    assert renewed == 2
+    other.close()

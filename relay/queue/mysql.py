@@ -7,11 +7,13 @@ at start-up. Sessions run at READ COMMITTED in UTC.
 
 from __future__ import annotations
 
+import asyncio
+import random
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import aiomysql
 import pymysql
@@ -58,17 +60,47 @@ _SERVER_TEXT_SHOWN = frozenset(
 _CLIENT_ERRORS_FROM = 2000
 
 
+def _code(exc: BaseException) -> int | None:
+    code = exc.args[0] if isinstance(exc, pymysql.Error) and len(exc.args) > 1 else None
+    return code if isinstance(code, int) else None
+
+
 def _unavailable(exc: BaseException) -> StoreUnavailable:
     """The error as a StoreUnavailable whose text is safe to log and to show in replies."""
-    code = exc.args[0] if isinstance(exc, pymysql.Error) and len(exc.args) > 1 else None
-    if isinstance(code, int) and _CLIENT_ERRORS_FROM > code > 0 and code not in _SERVER_TEXT_SHOWN:
+    code = _code(exc)
+    if code is not None and _CLIENT_ERRORS_FROM > code > 0 and code not in _SERVER_TEXT_SHOWN:
         shown = f"{code} (server text withheld)"
     else:
         shown = str(exc.args[:2])
-    text = f"MySQL queue unavailable: {exc.__class__.__name__} {shown}"
+    what = "lost a deadlock, rolled back" if code == ER.LOCK_DEADLOCK else "unavailable"
+    text = f"MySQL queue {what}: {exc.__class__.__name__} {shown}"
     # Codes below 2000 are the server's answer to a statement: it was reached.
-    refused = isinstance(code, int) and 0 < code < _CLIENT_ERRORS_FROM
+    refused = code is not None and 0 < code < _CLIENT_ERRORS_FROM
     return StoreRefused(text) if refused else StoreUnavailable(text)
+
+
+# InnoDB picks a victim when two transactions wait on each other's row locks and rolls it
+# back whole; MySQL's manual asks clients to run it again. Leases renewed while a group of
+# outcomes commits, or replicas claiming and reaping, meet this now and then.
+_DEADLOCK_RETRIES = 3
+_T = TypeVar("_T")
+
+
+def _deadlock(exc: StoreUnavailable) -> bool:
+    return exc.__cause__ is not None and _code(exc.__cause__) == ER.LOCK_DEADLOCK
+
+
+async def _again_after_deadlock(transaction: Callable[[], Awaitable[_T]]) -> _T:
+    """Run a whole transaction, and run it again if it was the victim of a deadlock."""
+    for attempt in range(_DEADLOCK_RETRIES):
+        try:
+            return await transaction()
+        except StoreRefused as exc:
+            if not _deadlock(exc):
+                raise
+            # Apart, so that the two transactions do not meet in the same order again.
+            await asyncio.sleep(random.uniform(0.005, 0.05) * (attempt + 1))
+    return await transaction()
 
 
 class _MysqlTx(Tx):
@@ -297,9 +329,23 @@ class MysqlStore(SqlStore):
         """Send the statements as one query (see _send) on a connection of their own.
 
         Rolled back on failure (the COMMIT, if it is the last statement, was not reached).
+        The query is its whole transaction, so a deadlock's victim is sent again as it was.
         """
-        async with self._cursor() as cursor:
-            return await _send(cursor, statements)
+
+        async def once() -> tuple[list[list[Row]], int]:
+            async with self._cursor() as cursor:
+                return await _send(cursor, statements)
+
+        return await _again_after_deadlock(once)
+
+    async def renew(self, *, worker_id: str, message_ids: Sequence[str], until: datetime) -> int:
+        if not message_ids:
+            return 0
+        # One round trip, and again after a deadlock: a lapsed lease is a second delivery.
+        _, renewed = await self._one_trip(
+            [self._renew_statement(worker_id, message_ids, until), ("COMMIT", ())]
+        )
+        return renewed
 
     @asynccontextmanager
     async def migration_lock(self) -> AsyncIterator[None]:
@@ -320,6 +366,13 @@ class MysqlStore(SqlStore):
         return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
 
     async def _claim_batch(
+        self, *, worker_id: str, limit: int, until: datetime, now: datetime
+    ) -> tuple[list[Row], list[Row], list[Row]]:
+        return await _again_after_deadlock(
+            lambda: self._claim_once(worker_id=worker_id, limit=limit, until=until, now=now)
+        )
+
+    async def _claim_once(
         self, *, worker_id: str, limit: int, until: datetime, now: datetime
     ) -> tuple[list[Row], list[Row], list[Row]]:
         # Two round trips instead of one per statement: the due messages, locked (SKIP

@@ -426,17 +426,17 @@ class SqlStore(abc.ABC):
         if not message_ids:
             return 0
         async with self.transaction() as tx:
-            return await tx.execute(
-                "UPDATE messages SET claim_expires_at = ?"
-                f" WHERE id IN ({_placeholders(len(message_ids))})"
-                " AND claimed_by = ? AND status = ?",
-                (
-                    self.to_db_time(until),
-                    *message_ids,
-                    worker_id,
-                    MessageStatus.PROCESSING.value,
-                ),
-            )
+            return await tx.execute(*self._renew_statement(worker_id, message_ids, until))
+
+    def _renew_statement(
+        self, worker_id: str, message_ids: Sequence[str], until: datetime
+    ) -> Statement:
+        return (
+            "UPDATE messages SET claim_expires_at = ?"
+            f" WHERE id IN ({_placeholders(len(message_ids))})"
+            " AND claimed_by = ? AND status = ?",
+            (self.to_db_time(until), *message_ids, worker_id, MessageStatus.PROCESSING.value),
+        )
 
     async def complete(self, *, worker_id: str, message_id: str, result: AttemptResult) -> bool:
         [held] = await self.complete_many(worker_id=worker_id, outcomes=[(message_id, result)])
