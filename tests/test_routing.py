@@ -8,6 +8,7 @@ and whose backup is an SMTP smarthost (Postfix's smtp-sink).
 from __future__ import annotations
 
 import asyncio
+import logging
 import smtplib
 import time
 from collections.abc import Iterator
@@ -179,8 +180,13 @@ def health(service: RelayService, name: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 async def test_primary_503_fails_over_then_recovers(
-    start_relay: StartRelay, api: LocalApi, mailgun: FakeMailgun, smtp_sink: SmtpSink
+    start_relay: StartRelay,
+    api: LocalApi,
+    mailgun: FakeMailgun,
+    smtp_sink: SmtpSink,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="relay.routing")
     mailgun.replies = [Reply(503, body=b"Service Unavailable")] * 2
     service = await start_relay(**routed(api, smtp_sink.port))
 
@@ -200,6 +206,14 @@ async def test_primary_503_fails_over_then_recovers(
     again = await settle(service, await send(service))
     assert again[0]["recipients"][0]["provider"] == "mailgun"
     assert health(service, "mailgun")["state"] == CLOSED
+    # On-call sees both changes in the logs, once each, with the kind but not the reply.
+    changes = [r for r in caplog.records if r.getMessage().startswith("provider.circuit_")]
+    assert [(r.getMessage(), r.provider) for r in changes] == [  # type: ignore[attr-defined]
+        ("provider.circuit_opened", "mailgun"),
+        ("provider.circuit_closed", "mailgun"),
+    ]
+    assert changes[0].kind == "unavailable"  # type: ignore[attr-defined]
+    assert "Service Unavailable" not in str(vars(changes[0]))
     # Every attempt carried the queue id, so Mailgun's events can be matched to it.
     sent = mailgun.queued[-1].multipart()
     ids = [p.data.decode() for p in sent if p.name == "v:relay-message-id"]

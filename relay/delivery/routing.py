@@ -17,6 +17,7 @@ since only a person can fix them - the health report says so.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -34,7 +35,10 @@ from relay.delivery.providers.base import (
 )
 from relay.delivery.retry import ProviderAttempt
 from relay.limits import TokenBucket
+from relay.logs import event
 from relay.queue.model import ClaimedMessage
+
+log = logging.getLogger("relay.routing")
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 _MAX_COOLDOWN_S = 600.0
@@ -186,13 +190,26 @@ class Router:
             try:
                 results = await self._send(route, envelope, content)
             except ProviderError as exc:
+                was = route.breaker.state
                 route.breaker.failure(exc)
+                if route.breaker.state == OPEN and was != OPEN:
+                    # The reason's kind only: the detail may quote the provider's reply.
+                    event(
+                        log,
+                        "provider.circuit_opened",
+                        logging.WARNING,
+                        provider=name,
+                        kind=exc.kind,
+                        retry_in_s=round(route.breaker.cooldown_s, 1),
+                    )
                 route.last_failure_at = time.time()
                 metrics.provider_requests_total.labels(name, exc.kind).inc()
                 metrics.errors_total.labels("provider").inc()
                 metrics.provider_health.labels(name).set(int(route.breaker.state == CLOSED))
                 errors.append(exc.detail)
                 continue
+            if route.breaker.state != CLOSED:
+                event(log, "provider.circuit_closed", provider=name)
             route.breaker.success()
             route.last_success_at = time.time()
             metrics.child(metrics.provider_requests_total, name, "success").inc()
