@@ -99,6 +99,10 @@ def _count_not_bool(value: Any) -> Any:
     return value
 
 
+# smtp.processes, delivery.processes
+ProcessCount = Annotated[int, BeforeValidator(_count_not_bool), Field(ge=1, le=64)]
+
+
 class SmtpSettings(_Section):
     """The SMTP listener that client applications submit mail to."""
 
@@ -137,21 +141,14 @@ class SmtpSettings(_Section):
         description="Clients offered AUTH without TLS. Elsewhere AUTH needs STARTTLS first.",
     )
     tls: TlsSettings = TlsSettings()
-    processes: int = Field(
+    processes: ProcessCount = Field(
         1,
-        ge=1,
-        le=64,
         description=(
             "Processes accepting SMTP on the shared listening sockets (mysql queue only);"
             " connection limits count the sessions of all of them, rate buckets are split"
             " evenly between them."
         ),
     )
-
-    @field_validator("processes", mode="before")
-    @classmethod
-    def _processes_is_a_count(cls, value: Any) -> Any:
-        return _count_not_bool(value)
 
 
 class RateLimits(_Section):
@@ -346,21 +343,14 @@ class DeliverySettings(_Section):
     provider_limits: dict[str, ProviderLimits] = Field(
         default_factory=dict, description="Concurrency and rate per provider name."
     )
-    processes: int = Field(
+    processes: ProcessCount = Field(
         1,
-        ge=1,
-        le=64,
         description=(
             "Processes running delivery workers (mysql queue only). worker_count, the"
             " provider limits and the providers' max_connections stay the relay's totals:"
             " each process gets its share."
         ),
     )
-
-    @field_validator("processes", mode="before")
-    @classmethod
-    def _processes_is_a_count(cls, value: Any) -> Any:
-        return _count_not_bool(value)
 
     @model_validator(mode="after")
     def _backoff_order(self) -> DeliverySettings:

@@ -24,6 +24,7 @@ from relay.clock import utcnow
 from relay.service import RelayService
 from tests.conftest import StartRelay
 from tests.servers import free_port, wait_for_port
+from tests.test_delivery import plain_message
 
 TOKEN = "oncall-token-" + "x" * 24
 TOKENS = [{"name": "oncall", "token": TOKEN}]
@@ -272,20 +273,7 @@ async def test_maintenance_mode_refuses_sessions_but_keeps_delivering(
             b"421 4.3.2 Scheduled maintenance until 14:00 UTC\r\n"
         )
         # Workers keep delivering what is queued (here: queued by another replica).
-        from relay.ids import new_queue_id
-        from relay.queue import NewMessage
-
-        await service.store.enqueue(
-            NewMessage(
-                id=new_queue_id(),
-                workspace_id="default",
-                from_email="a@example.org",
-                recipients=("b@example.net",),
-                subject=None,
-                content=b"\r\nx\r\n",
-                queued_at=utcnow(),
-            )
-        )
+        await service.store.enqueue(plain_message())
         service.wake()
         await until(lambda: _is_sent(service))
 

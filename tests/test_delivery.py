@@ -36,6 +36,19 @@ async def submit(port: int, sender: str, recipients: list[str], body: bytes) -> 
     return await asyncio.to_thread(run)
 
 
+def plain_message() -> NewMessage:
+    """A one-line message to one recipient, queued as another replica would have."""
+    return NewMessage(
+        id=new_queue_id(),
+        workspace_id="default",
+        from_email="a@example.org",
+        recipients=("b@example.net",),
+        subject=None,
+        content=b"\r\nx\r\n",
+        queued_at=utcnow(),
+    )
+
+
 async def wait_for_status(
     service: RelayService, queue_id: str, statuses: set[str], timeout: float = 20
 ) -> dict[str, Any]:
@@ -222,17 +235,7 @@ async def test_shutdown_releases_claims_it_did_not_start(start_relay: StartRelay
     )
     await service.engine.stop()
     for _ in range(5):
-        await service.store.enqueue(
-            NewMessage(
-                id=new_queue_id(),
-                workspace_id="default",
-                from_email="a@example.org",
-                recipients=("b@example.net",),
-                subject=None,
-                content=b"\r\nx\r\n",
-                queued_at=utcnow(),
-            )
-        )
+        await service.store.enqueue(plain_message())
     from relay.delivery.engine import DeliveryEngine
 
     engine = DeliveryEngine(service.store, service.router, service.settings.delivery)
@@ -493,17 +496,7 @@ async def test_shutdown_during_a_claim_hands_back_what_the_claim_took(
     service = await start_relay(delivery={"process_interval": "1h", "worker_count": 1})
     await service.engine.stop()
     for _ in range(3):
-        await service.store.enqueue(
-            NewMessage(
-                id=new_queue_id(),
-                workspace_id="default",
-                from_email="a@example.org",
-                recipients=("b@example.net",),
-                subject=None,
-                content=b"\r\nx\r\n",
-                queued_at=utcnow(),
-            )
-        )
+        await service.store.enqueue(plain_message())
     from relay.delivery.engine import DeliveryEngine
 
     claimed = asyncio.Event()

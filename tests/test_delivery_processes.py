@@ -23,7 +23,7 @@ import pytest
 from relay.config import ConfigError, parse_settings
 from tests.conftest import mysql_settings
 from tests.servers import MariaDB, SmtpSink, free_port, wait_for_port
-from tests.test_ingest_processes import send_all
+from tests.test_ingest_processes import RelayLog, send_all
 from tests.test_processes import start_process, write_config
 
 DELIVERING = 3
@@ -31,7 +31,7 @@ WORKERS = 6
 CONNECTIONS = 6
 
 
-class Relay:
+class Relay(RelayLog):
     """`smtp.processes: 1`, `delivery.processes: 3`: two extra processes that only deliver."""
 
     def __init__(self, mariadb: MariaDB, tmp_path: Path, sink: SmtpSink) -> None:
@@ -79,27 +79,10 @@ class Relay:
             lambda: len(self.events("delivery.started")) == DELIVERING, "every process delivering"
         )
 
-    def events(self, name: str) -> list[dict[str, Any]]:
-        found = []
-        for line in self.log.read_text().splitlines():
-            if line.startswith("{") and f'"event": "{name}"' in line:
-                found.append(json.loads(line))
-        return found
-
-    def children(self) -> dict[int, int]:
-        return {e["index"]: e["pid"] for e in self.events("process.started")}
-
     def statuses(self) -> Counter[str]:
         with self.mariadb.admin() as connection, connection.cursor() as cursor:
             cursor.execute(f"SELECT status, COUNT(*) FROM {self.database}.messages GROUP BY 1")
             return Counter({str(row[0]): int(row[1]) for row in cursor.fetchall()})
-
-    def wait_for(self, condition: Any, what: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert self.process.poll() is None, self.log.read_text()[-3000:]
-            assert time.monotonic() < deadline, f"timed out waiting for: {what}"
-            time.sleep(0.1)
 
 
 @pytest.fixture

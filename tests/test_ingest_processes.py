@@ -38,7 +38,32 @@ PROCESSES = 3
 QUEUED = re.compile(r"250 2\.0\.0 Ok: queued as (\S+)")
 
 
-class Relay:
+class RelayLog:
+    """What a running `smtp-relay serve` wrote: its JSON log lines, and waiting on them."""
+
+    log: Path
+    process: subprocess.Popen[bytes]
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        found = []
+        for line in self.log.read_text().splitlines():
+            if line.startswith("{") and f'"event": "{name}"' in line:
+                found.append(json.loads(line))
+        return found
+
+    def children(self) -> dict[int, int]:
+        """Index to pid of the extra processes, the latest start of each."""
+        return {e["index"]: e["pid"] for e in self.events("process.started")}
+
+    def wait_for(self, condition: Any, what: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.process.poll() is None, self.log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"timed out waiting for: {what}"
+            time.sleep(0.1)
+
+
+class Relay(RelayLog):
     """One `smtp-relay serve` with `smtp.processes: 3` on its own MariaDB database."""
 
     def __init__(self, mariadb: MariaDB, tmp_path: Path, **smtp: Any) -> None:
@@ -82,17 +107,6 @@ class Relay:
             lambda: len(self.events("smtp.listening")) == PROCESSES, "every process listening"
         )
 
-    def events(self, name: str) -> list[dict[str, Any]]:
-        found = []
-        for line in self.log.read_text().splitlines():
-            if line.startswith("{") and f'"event": "{name}"' in line:
-                found.append(json.loads(line))
-        return found
-
-    def children(self) -> dict[int, int]:
-        """Index to pid of the extra processes, the latest start of each."""
-        return {e["index"]: e["pid"] for e in self.events("process.started")}
-
     def get(self, path: str) -> str:
         url = f"http://127.0.0.1:{self.http_port}{path}"
         with urllib.request.urlopen(url, timeout=10) as response:
@@ -128,13 +142,6 @@ class Relay:
             env=env,
             check=True,
         )
-
-    def wait_for(self, condition: Any, what: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert self.process.poll() is None, self.log.read_text()[-3000:]
-            assert time.monotonic() < deadline, f"timed out waiting for: {what}"
-            time.sleep(0.1)
 
     def stop(self) -> int:
         if self.process.poll() is None:
