@@ -298,8 +298,13 @@ def test_a_killed_process_is_started_again_and_no_accepted_mail_is_lost(relay: R
 
 @pytest.mark.slow
 def test_sigterm_lets_every_process_finish_its_open_transactions(relay: Relay) -> None:
-    sessions = []
-    for n in range(9):
+    sessions: list[tuple[socket.socket, Any]] = []
+    # Which process accepts is the kernel's choice, and a busy machine can hand one process
+    # many in a row: open sessions until at least two processes hold some (nine at least).
+    n = 0
+    while n < 9 or len(sessions_by_pid(relay.smtp_port)) < 2:
+        assert n < 40, "every session went to one process"
+        n += 1
         client = socket.create_connection(("127.0.0.1", relay.smtp_port), timeout=20)
         reader = client.makefile("rb")
         reader.readline()
