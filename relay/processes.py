@@ -104,9 +104,8 @@ def private_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
 
 
-def sweep_dead_dirs(prefix: str) -> list[Path]:
+def sweep_dead_dirs(prefix: str) -> None:
     """Remove this user's `<prefix><pid>-*` temporary directories whose pid is gone."""
-    removed = []
     for path in Path(tempfile.gettempdir()).glob(f"{prefix}*-*"):
         pid = path.name[len(prefix) :].split("-", 1)[0]
         try:
@@ -115,8 +114,6 @@ def sweep_dead_dirs(prefix: str) -> list[Path]:
         except OSError:
             continue
         shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
 
 
 def _alive(pid: int) -> bool:
@@ -179,19 +176,18 @@ def waker(write_fds: list[int]) -> Callable[[], None]:
 
 @dataclass(frozen=True)
 class Roles:
-    """What process `index` of a relay does, and the pipes it wakes delivery through."""
+    """Process `index` of a relay and the pipes it wakes delivery through. Whether it
+    ingests or delivers is the settings' answer (`Settings.ingests`, `Settings.delivers`)."""
 
     index: int
-    ingests: bool
-    delivers: bool
     # Write ends of the other delivery processes' pipes, by index.
     peers: dict[int, int]
     # This process's own pipe's read end, if it delivers.
     woken: int | None = None
 
-    def on_queued(self, own_engine: Callable[[], None]) -> Callable[[], None]:
+    def on_queued(self, own_engine: Callable[[], None] | None) -> Callable[[], None]:
         """Mail queued here: this process's workers, else the first process's."""
-        if self.delivers:
+        if own_engine is not None:
             return own_engine
         return waker([self.peers[0]]) if 0 in self.peers else lambda: None
 
@@ -440,8 +436,6 @@ def main(argv: list[str] | None = None) -> int:
         listening.append((kind, int(fd)))
     roles = Roles(
         index=args.index,
-        ingests=bool(listening),
-        delivers=args.woken is not None,
         peers=dict(_fd_by_index(item) for item in args.wake),
         woken=args.woken,
     )

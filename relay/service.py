@@ -70,10 +70,12 @@ class RelayService:
         if roles is None:
             roles = self._first_roles(settings)
         self.roles = roles
+        self.ingests = settings.ingests(roles.index)
+        self.delivers = settings.delivers(roles.index)
         # Workers, provider limits and connections: this process's part of the totals.
-        share = settings.delivery_share(roles.index) if roles.delivers else settings
+        share = settings.delivery_share(roles.index) if self.delivers else settings
         self.store = create_store(settings)
-        self.providers = build_providers(share) if roles.delivers else {}
+        self.providers = build_providers(share) if self.delivers else {}
         self.router = Router(self.providers, share)
         self._tally_dir: Path | None = None
         if tally is None and self.primary and settings.smtp.processes > 1:
@@ -83,7 +85,10 @@ class RelayService:
             tally = SessionTally(self._tally_dir / "sessions", settings.smtp.processes, 0)
         self.gate = Gate(tally)
         self.handler = IngestHandler(
-            self.store, settings, gate=self.gate, on_queued=roles.on_queued(self.wake)
+            self.store,
+            settings,
+            gate=self.gate,
+            on_queued=roles.on_queued(self.wake if self.delivers else None),
         )
         self.engine = DeliveryEngine(
             self.store,
@@ -112,13 +117,10 @@ class RelayService:
     def _first_roles(self, settings: Settings) -> Roles:
         # A pipe per delivery process, this one's included, so that any process can wake
         # any delivery process (relay.processes.Roles).
-        delivering = settings.delivery.processes if settings.delivery.enabled else 1
         if settings.process_count > 1 and settings.delivery.enabled:
-            self._pipes = {index: WakePipe() for index in range(delivering)}
+            self._pipes = {index: WakePipe() for index in range(settings.delivery.processes)}
         return Roles(
             index=0,
-            ingests=True,
-            delivers=settings.delivery.enabled,
             peers={i: pipe.write_fd for i, pipe in self._pipes.items() if i != 0},
             woken=self._pipes[0].read_fd if self._pipes else None,
         )
@@ -133,13 +135,13 @@ class RelayService:
             if applied:
                 event(log, "queue.migrated", backend=self.store.backend, versions=applied)
         await self._observe()
-        if self.roles.delivers:
+        if self.delivers:
             if self.roles.woken is not None:
                 listen(self.roles.woken, self.wake)
             await self.engine.start()
         if self.primary and self.settings.http.enabled:
             await self._start_http()
-        if self.roles.ingests:
+        if self.ingests:
             await self.ingest.start()
         if self.primary and self.settings.process_count > 1:
             await self._start_extra_processes()
@@ -257,7 +259,7 @@ class RelayService:
         if self.extra_processes is not None:
             # The extra processes drain alongside this one, not after it.
             self.extra_processes.signal_stop()
-        if self.roles.ingests:
+        if self.ingests:
             await self.ingest.drain(grace)
         if self.extra_processes is not None:
             await self.extra_processes.wait(grace)
