@@ -76,6 +76,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--batch", type=int, help="drain: delivery.batch_size")
     parser.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="drain: the relay's event loop (uvloop: a what-if, pip install uvloop)",
+    )
+    parser.add_argument(
         "--delivery-processes",
         type=int,
         default=1,
@@ -199,6 +205,7 @@ def _run(
             repeats=args.drain_repeats,
             delivery=delivery,
             sink_connections=sink_connections,
+            loop=args.loop,
         )
     return scenarios.memory(
         bench,

@@ -9,6 +9,7 @@ import logging
 import shutil
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,10 @@ log = logging.getLogger("relay.service")
 
 MAINTENANCE = "maintenance"
 _MONITOR_EVERY_S = 5.0
+# The finished messages (sent, failed, bounced) are counted this much less often than the
+# live ones: a count walks every row kept for the retention period, and these gauges
+# trend over days.
+_FINISHED_EVERY_S = 300.0
 _DEFAULT_MAINTENANCE_REPLY = "421 4.3.2 Service under maintenance, try again later"
 
 
@@ -103,6 +108,7 @@ class RelayService:
         self._http: _EmbeddedHttpServer | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._monitor_task: asyncio.Task[None] | None = None
+        self._finished_counted_at: float | None = None
         self._stopped = asyncio.Event()
 
     @property
@@ -233,16 +239,23 @@ class RelayService:
 
     async def _observe_queue(self) -> None:
         """Gauges of the whole queue and the providers: the first process's to keep."""
+        counted = self._finished_counted_at
+        finished = counted is None or time.monotonic() - counted >= _FINISHED_EVERY_S
         try:
             now = utcnow()
-            stats = await self.store.stats(now=now)
+            stats = await self.store.stats(now=now, finished=finished)
             await self.handler.bounces.observe_gauges()
         except Exception as exc:
             metrics.errors_total.labels("store").inc()
             event(log, "monitor.failed", logging.WARNING, error=exc.__class__.__name__)
         else:
+            if finished:
+                self._finished_counted_at = time.monotonic()
             metrics.email_queue_depth.set(stats.depth())
-            for status in ("queued", "processing", "sent", "failed", "bounced"):
+            statuses = ["queued", "processing"] + (
+                ["sent", "failed", "bounced"] if finished else []
+            )
+            for status in statuses:
                 metrics.email_queue_messages.labels(status).set(stats.counts.get(status, 0))
             age = (now - stats.oldest_queued_at).total_seconds() if stats.oldest_queued_at else 0
             metrics.email_queue_oldest_age_seconds.set(age)

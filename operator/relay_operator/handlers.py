@@ -24,7 +24,7 @@ from typing import Any
 import kopf
 import pydantic
 
-from relay_operator import builders, conditions, providers, rollout, strategies
+from relay_operator import builders, conditions, drift, providers, rollout, strategies
 from relay_operator.builders import Provider, Relay
 from relay_operator.cache import ObjectCache, url_of
 from relay_operator.conditions import Problem
@@ -54,6 +54,8 @@ class Context:
     # at that generation is the Deployment controller reporting on pods; any other
     # generation is someone else's change to the spec, which the next apply undoes.
     applied: dict[str, int] = field(default_factory=dict)
+    # What the last apply of each child was and left: the resync applies only what moved.
+    children: drift.Applied = field(default_factory=drift.Applied)
     resync: asyncio.Task[None] | None = None
     timers: dict[tuple[str, str], asyncio.TimerHandle] = field(default_factory=dict)
     woken: set[asyncio.Task[None]] = field(default_factory=set)
@@ -297,9 +299,17 @@ def _describe(exc: pydantic.ValidationError) -> str:
 
 
 async def _apply_children(
-    ctx: Context, obj: dict[str, Any], relay: Relay, inputs: Inputs
+    ctx: Context,
+    obj: dict[str, Any],
+    relay: Relay,
+    inputs: Inputs,
+    live: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Apply ConfigMap, Deployment, Service and PDB; return the Deployment as stored."""
+    """Apply ConfigMap, Deployment, Service and PDB; return the Deployment as stored.
+
+    `live`: the resync's fingerprints of the children as stored; then only the children
+    that changed on either side since the last apply are applied (see drift.py).
+    """
     deployment_url = path("apps/v1", "Deployment", relay.namespace, relay.name)
 
     # The ConfigMap first: the Deployment's pod template names its hash, and pods rolled
@@ -308,7 +318,8 @@ async def _apply_children(
     # trips in all instead of five.
     config_map = builders.config_map(relay, inputs.providers)
     config_hash = builders.digest(config_map["data"]["relay.yaml"])
-    before, _ = await asyncio.gather(_read(ctx, deployment_url), ctx.kube.apply(config_map))
+    before: dict[str, Any] | None
+    before, _ = await asyncio.gather(_read(ctx, deployment_url), _apply(ctx, obj, config_map, live))
     await asyncio.sleep(ctx.settings.apply_pause_s)
     image = relay.spec.image or ctx.settings.relay_image
     deployment = builders.deployment(
@@ -319,15 +330,43 @@ async def _apply_children(
         secret_versions=inputs.secret_versions,
     )
     applied = await asyncio.gather(
-        ctx.kube.apply(deployment),
-        ctx.kube.apply(builders.service(relay)),
-        ctx.kube.apply(builders.disruption_budget(relay)),
+        _apply(ctx, obj, deployment, live),
+        _apply(ctx, obj, builders.service(relay), live),
+        _apply(ctx, obj, builders.disruption_budget(relay), live),
     )
     after = applied[0]
+    if after is None:
+        if before is not None:
+            return before  # as our last apply left it: nothing to report
+        # Listed a moment ago, yet unknown to the cache: apply it rather than guess.
+        after = await _apply(ctx, obj, deployment, None)
+        assert after is not None
     ctx.cache.seen(after, url=deployment_url)
     ctx.applied[deployment_url] = after["metadata"].get("generation", 0)
     await _report_changes(ctx, obj, before, after)
     return after
+
+
+async def _apply(
+    ctx: Context, obj: dict[str, Any], manifest: dict[str, Any], live: Mapping[str, str] | None
+) -> dict[str, Any] | None:
+    """Apply one child, and remember it; in a resync pass (`live` given) only when it
+    changed on either side. None when it was left alone."""
+    verdict = "ours" if live is None else ctx.children.verdict(manifest, live)
+    if verdict == "unchanged":
+        return None
+    result = await ctx.kube.apply(manifest)
+    ctx.children.record(manifest, result)
+    if verdict == "theirs":
+        await _announce(
+            ctx,
+            obj,
+            "DriftRepaired",
+            f"{manifest['kind']} {manifest['metadata']['name']} was changed or deleted"
+            " outside the operator: applied again",
+            warning=True,
+        )
+    return result
 
 
 async def _report_changes(
@@ -383,12 +422,18 @@ def _image(deployment: dict[str, Any]) -> str:
 
 
 async def reconcile_relay(
-    ctx: Context, namespace: str, name: str, *, pods_only: bool = False
+    ctx: Context,
+    namespace: str,
+    name: str,
+    *,
+    pods_only: bool = False,
+    live: Mapping[str, str] | None = None,
 ) -> None:
     """Bring one SmtpRelay's children and status in line with its spec.
 
     `pods_only`: what changed is the status of the relay's Deployment, so only the
-    relay's status may need writing (see `_refresh_status`).
+    relay's status may need writing (see `_refresh_status`). `live`: given by the
+    resync, the children as stored (see `_apply_children`).
     """
     url = path(API_VERSION, "SmtpRelay", namespace, name)
     async with ctx.lock("SmtpRelay", namespace, name):
@@ -414,7 +459,7 @@ async def reconcile_relay(
         deployment: dict[str, Any] | None
         retired = False
         if relay is not None and not inputs.problems:
-            deployment = await _apply_children(ctx, obj, relay, inputs)
+            deployment = await _apply_children(ctx, obj, relay, inputs, live)
             if previous.get("observedGeneration") != generation:
                 await _design_only_warnings(ctx, obj, relay)
             if previous.get("rollout"):
@@ -601,7 +646,9 @@ async def resync(ctx: Context) -> None:
     """Re-validate every provider and reconcile every relay, forever.
 
     This is what notices a rotated or newly created Secret: the operator may only `get`
-    Secrets (watching them would stream every Secret in the cluster through it).
+    Secrets (watching them would stream every Secret in the cluster through it). It also
+    repairs children changed or deleted by others, applying only those (drift.py).
+    Relays with a rollout strategy still apply their children each pass.
     """
     interval = ctx.settings.resync_interval_s
     while True:
@@ -617,16 +664,22 @@ async def resync(ctx: Context) -> None:
                 )
                 for obj in await ctx.kube.list(f"/apis/{API_VERSION}/{plural}")
             ]
+            live = await drift.live_children(ctx.kube, MANAGED)
         except Exception as exc:
             logger.warning("resync: listing failed, next try in %ss: %s", interval, exc)
             continue
         ctx.cache.prune(older_than_s=interval)
+        ctx.children.begin_pass()
         for reconcile, meta in found:
             # One broken object must not stop the others, nor end the loop.
             try:
-                await reconcile(ctx, meta["namespace"], meta["name"])
+                if reconcile is reconcile_relay:
+                    await reconcile_relay(ctx, meta["namespace"], meta["name"], live=live)
+                else:
+                    await reconcile(ctx, meta["namespace"], meta["name"])
             except Exception:
                 logger.exception("resync of %s/%s failed", meta["namespace"], meta["name"])
+        ctx.children.end_pass(live)
 
 
 # ---------------------------------------------------------------------------------------

@@ -459,7 +459,7 @@ async def _health(relay: RelayView) -> Health:
             checks["processes"] = Check(status="healthy", message=message)
 
     if "database" in checks and checks["database"].status == "healthy":
-        depth = (await relay.store.stats(now=utcnow())).depth()
+        depth = (await relay.store.stats(now=utcnow(), finished=False)).depth()
         checks["queue"] = (
             Check(status="warning", message=f"Queue depth: {depth}")
             if depth > _QUEUE_WARNING

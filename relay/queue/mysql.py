@@ -131,6 +131,10 @@ class MysqlStore(SqlStore):
         "SELECT table_name FROM information_schema.tables"
         " WHERE table_schema = DATABASE() AND table_name = ?"
     )
+    # The few recipients of a claim's messages, never a walk of the whole table, whatever
+    # the optimizer's statistics say at the moment.
+    _RECIPIENTS_BY_MESSAGE = "message_recipients FORCE INDEX (idx_message)"
+    _MESSAGES_BY_STATUS = "messages FORCE INDEX (idx_status_queued)"
 
     def __init__(self, settings: MysqlSettings, *, max_message_size: int | None = None) -> None:
         self.settings = settings

@@ -59,4 +59,7 @@ class QueueStore(Protocol):
     async def requeue_expired(self, *, now: datetime) -> int:
         """Return messages whose claim lease expired (a dead worker) to the queue."""
 
-    async def stats(self, *, now: datetime) -> QueueStats: ...
+    async def stats(self, *, now: datetime, finished: bool = True) -> QueueStats:
+        """Counts by status, the oldest waiting message, deferred and due. `finished`
+        False: counts of the live statuses only (queued, processing), whose cost does
+        not grow with the mail kept after delivery."""

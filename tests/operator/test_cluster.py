@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -435,6 +436,53 @@ def test_missing_provider_secret_is_reported_then_healed(
     cluster.apply(namespace, _secret("mailgun-credentials", api_key="k"))
     wait_ready(cluster, namespace, "relayprovider/mailgun", timeout=30)
     wait_ready(cluster, namespace, "smtprelay/waiting", timeout=30)
+
+
+def test_the_resync_repairs_only_children_changed_outside(
+    operator: OperatorProcess, namespace: str
+) -> None:
+    cluster = operator.cluster
+    cluster.apply(
+        namespace, EXAMPLES / "relayprovider-outbox.yaml", EXAMPLES / "smtprelay-embedded.yaml"
+    )
+    wait_ready(cluster, namespace, "smtprelay/embedded")
+
+    def repaired() -> list[str]:
+        return sorted(
+            m for _, r, m in events(cluster, namespace, "embedded") if r == "DriftRepaired"
+        )
+
+    # Several resync passes (every 2 s here) over children nobody touched: each child
+    # as stored matches what the last apply left, pods and status changes included.
+    time.sleep(7)
+    assert repaired() == []
+
+    # Someone deletes the ConfigMap and relabels the Service.
+    label = "app.kubernetes.io/managed-by"
+    cluster.kubectl("delete", "-n", namespace, "configmap/embedded-config")
+    cluster.kubectl("label", "-n", namespace, "service/embedded", f"{label}=someone", "--overwrite")
+
+    eventually(
+        lambda: cluster.get("-n", namespace, "configmap/embedded-config"),
+        timeout=30,
+        what="the ConfigMap back",
+    )
+    eventually(
+        lambda: (
+            cluster.get("-n", namespace, "service/embedded")["metadata"]["labels"][label]
+            == builders.FIELD_MANAGER
+        ),
+        timeout=30,
+        what="the Service's label back",
+    )
+    found = eventually(lambda: len(repaired()) == 2 and repaired(), timeout=30, what="Events")
+    assert found == [
+        "ConfigMap embedded-config was changed or deleted outside the operator: applied again",
+        "Service embedded was changed or deleted outside the operator: applied again",
+    ]
+    # And quiet again: the repaired children match their new fingerprints.
+    time.sleep(5)
+    assert len(repaired()) == 2, repaired()
 
 
 def test_deleting_a_relay_garbage_collects_its_children(
