@@ -428,6 +428,27 @@ def operator_benchmark(
 
 
 ROUND_TIMEOUT_S = 180.0
+# Longer than one resync period (60 s, the chart's default) and its pass over the relays.
+SETTLED_WINDOW_S = 75.0
+
+
+def _settled(
+    cluster: Cluster, operator: OperatorProcess, relays: int, *, counts: Path
+) -> dict[str, Any]:
+    """What the operator asks of the API server once its relays stand: requests per relay
+    over a window holding one resync pass, and the CPU that took."""
+    assert operator.process is not None
+    meter = CpuMeter({"operator": operator.process.pid, **control_plane_pids(cluster.directory)})
+    before = request_counts(operator, counts)
+    meter.start()
+    time.sleep(SETTLED_WINDOW_S)
+    cpu = meter.stop()
+    return {
+        "window_s": SETTLED_WINDOW_S,
+        "requests_per_relay": per_relay(before, request_counts(operator, counts), relays),
+        **{f"{name}_cpu_s": cpu.get(f"{name}_cpu_s") for name in ("operator", "apiserver", "etcd")},
+        "others_share": cpu["others_share"],
+    }
 
 
 def _fresh_round(
@@ -476,6 +497,10 @@ def _fresh_round(
         )
         if profiler is not None:
             result["profile"] = profiler.stop()
+        if per_s:
+            result["settled"] = _settled(
+                cluster, operator, relays, counts=directory / "requests.json"
+            )
         result["rss_idle_mib"] = rss_idle
         result["round_s"] = round(time.monotonic() - started, 1)
     finally:

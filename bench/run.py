@@ -333,6 +333,16 @@ def table(report: dict[str, Any]) -> str:
                 _mark(o["rss_target_met"]),
             )
         )
+        settled = o.get("paced", {}).get("settled")
+        if settled:
+            rows.append(
+                (
+                    f"operator settled: requests per relay in {settled['window_s']:.0f} s",
+                    f"{settled['requests_per_relay']['total']}",
+                    f"API server {settled['apiserver_cpu_s']} s CPU, one resync pass",
+                    "",
+                )
+            )
     if "whatif" in report:
         w = report["whatif"]
         for name in ("baseline", "uvloop", "two_replicas"):

@@ -55,6 +55,14 @@ def wait_ready(cluster: Cluster, namespace: str, resource: str, timeout: int = 6
         raise AssertionError(f"{resource} not Ready: {result.stderr}\n{json.dumps(state)[:3000]}")
 
 
+def embedded_relay(cluster: Cluster, namespace: str) -> None:
+    """The example relay with its outbox provider, applied and Ready."""
+    cluster.apply(
+        namespace, EXAMPLES / "relayprovider-outbox.yaml", EXAMPLES / "smtprelay-embedded.yaml"
+    )
+    wait_ready(cluster, namespace, "smtprelay/embedded")
+
+
 def _secret(name: str, **values: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": values}
 
@@ -348,10 +356,7 @@ def test_credentials_reach_pods_as_files_only_and_rotation_rolls(
 
 def test_spec_change_rolls_the_pods(operator: OperatorProcess, namespace: str) -> None:
     cluster = operator.cluster
-    cluster.apply(
-        namespace, EXAMPLES / "relayprovider-outbox.yaml", EXAMPLES / "smtprelay-embedded.yaml"
-    )
-    wait_ready(cluster, namespace, "smtprelay/embedded")
+    embedded_relay(cluster, namespace)
     before = cluster.get("-n", namespace, "deployment/embedded")
     old_hash = before["spec"]["template"]["metadata"]["annotations"][builders.CONFIG_HASH]
 
@@ -442,10 +447,7 @@ def test_the_resync_repairs_only_children_changed_outside(
     operator: OperatorProcess, namespace: str
 ) -> None:
     cluster = operator.cluster
-    cluster.apply(
-        namespace, EXAMPLES / "relayprovider-outbox.yaml", EXAMPLES / "smtprelay-embedded.yaml"
-    )
-    wait_ready(cluster, namespace, "smtprelay/embedded")
+    embedded_relay(cluster, namespace)
 
     def repaired() -> list[str]:
         return sorted(
@@ -489,10 +491,7 @@ def test_deleting_a_relay_garbage_collects_its_children(
     operator: OperatorProcess, namespace: str
 ) -> None:
     cluster = operator.cluster
-    cluster.apply(
-        namespace, EXAMPLES / "relayprovider-outbox.yaml", EXAMPLES / "smtprelay-embedded.yaml"
-    )
-    wait_ready(cluster, namespace, "smtprelay/embedded")
+    embedded_relay(cluster, namespace)
     relay = cluster.get("-n", namespace, "smtprelay/embedded")
     assert not relay["metadata"].get("finalizers"), "no finalizer: nothing to clean up by hand"
 
