@@ -56,6 +56,14 @@ options:
   etcdBinary: ${ETCD_BIN}/etcd
   kwokBinaryPrefix: ${KWOK_BIN}
   kwokControllerBinary: ${KWOK_BIN}/kwok
+# kube-apiserver's own default Service range is 10.0.0.0/24, 254 addresses: the operator
+# benchmark's 200 relays fill four fifths of it, and a few more relays than that would
+# be refused their Service. A cluster's usual range instead (kubeadm's default).
+componentsPatches:
+  - name: kube-apiserver
+    extraArgs:
+      - key: service-cluster-ip-range
+        value: 10.96.0.0/12
 EOF
 
 kwokctl_() { kwokctl -c "${CONFIG}" --name "${RELAY_CLUSTER_NAME}" "$@"; }

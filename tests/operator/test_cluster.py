@@ -522,7 +522,7 @@ def test_operator_restarted_mid_reconcile_converges_without_duplicates(
         what="the first child",
     )
     operator.kill()
-    assert cluster.get("-n", namespace, "poddisruptionbudget/embedded") is None, (
+    assert cluster.get("-n", namespace, "deployment/embedded") is None, (
         "the operator was not stopped mid-reconcile"
     )
 
