@@ -545,3 +545,60 @@ async def test_live_counts_do_not_walk_the_finished_mail(
     assert live.oldest_queued_at is not None and live.due == 2
     assert every.counts == {"queued": 2, "processing": 1, "sent": 2000}
     assert walked < 50, walked
+
+
+def _charged(*recipients: str, workspace: int | None = 3, per_user: int | None = None) -> Any:
+    import dataclasses
+
+    from relay.limits import QuotaCharge
+
+    message = new_message(*recipients)
+    charge = QuotaCharge(
+        workspace_id="default",
+        user_key="app@example.org",
+        day=utcnow().strftime("%Y-%m-%d"),
+        recipients=len(message.recipients),
+        workspace_daily=workspace,
+        per_user_daily=per_user,
+    )
+    return dataclasses.replace(message, quota=charge)
+
+
+async def test_a_quota_charge_commits_with_its_message_or_not_at_all(store: SqlStore) -> None:
+    from relay.limits import QuotaExceeded
+
+    day = utcnow().strftime("%Y-%m-%d")
+    await store.enqueue(_charged("a@example.net", "b@example.net", per_user=10))
+    with pytest.raises(QuotaExceeded) as refused:
+        await store.enqueue(_charged("c@example.net", "d@example.net", per_user=10))
+    assert refused.value.args[0] == "workspace_daily"
+    # The workspace has room, the user does not: the workspace's charge is undone too.
+    with pytest.raises(QuotaExceeded) as refused:
+        await store.enqueue(_charged("e@example.net", workspace=10, per_user=2))
+    assert refused.value.args[0] == "per_user_daily"
+    await store.enqueue(_charged("f@example.net"))
+
+    assert await store.quota_used("default", day) == {"*": 3, "app@example.org": 2}
+    assert (await store.stats(now=utcnow())).counts == {"queued": 2}
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+async def test_a_charged_message_is_queued_in_two_round_trips(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inserts, quota rows, charges and their row counts, then the COMMIT: it was one
+    round trip per statement (eight here)."""
+    import aiomysql
+
+    sent = 0
+    command = aiomysql.Connection._execute_command
+
+    async def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal sent
+        sent += 1
+        return await command(self, *args, **kwargs)
+
+    await store.enqueue(new_message())  # the pool's connection, opened before counting
+    monkeypatch.setattr(aiomysql.Connection, "_execute_command", counted)
+    await store.enqueue(_charged("a@example.net", per_user=5))
+    assert sent == 2

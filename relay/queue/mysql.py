@@ -20,6 +20,7 @@ import pymysql
 from pymysql.constants import CLIENT, ER
 
 from relay.config import MysqlSettings
+from relay.limits import QuotaCharge, QuotaExceeded
 from relay.queue import schema
 from relay.queue.model import AttemptResult, MessageStatus
 from relay.queue.sql import MAX_GROUP_RECIPIENTS, Row, SqlStore, Statement, Tx
@@ -234,6 +235,28 @@ class MysqlStore(SqlStore):
         # first statement that fails, so the COMMIT is never reached, and _one_trip rolls
         # back what the statements before it wrote.
         await self._one_trip([*statements, ("COMMIT", ())])
+
+    async def _enqueue_charged(self, statements: list[Statement], charge: QuotaCharge) -> None:
+        # Two round trips instead of one per statement: the inserts, the quota rows and
+        # the conditional charges, each charge followed by its ROW_COUNT(); then COMMIT,
+        # or ROLLBACK when a charge found no room. The charges hold their rows' locks
+        # until then, so racing replicas still cannot both take the last of a quota.
+        charges = self._charge_statements(charge)
+        sent = [*statements]
+        for _, ensure, update in charges:
+            sent += [ensure, update, ("SELECT ROW_COUNT()", ())]
+
+        async def once() -> None:
+            async with self._cursor() as cursor:
+                results, _ = await _send(cursor, sent)
+                # One result per statement: each ROW_COUNT() is the last of its three.
+                counts = [results[len(statements) + 3 * n + 2] for n in range(len(charges))]
+                for (name, _, _), [(charged,)] in zip(charges, counts, strict=True):
+                    if not charged:
+                        raise QuotaExceeded(name)  # _cursor rolls the transaction back
+                await cursor.connection.commit()
+
+        await _again_after_deadlock(once)
 
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         # The query and the COMMIT that ends its implicit transaction, in one round trip.

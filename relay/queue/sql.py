@@ -186,11 +186,19 @@ class SqlStore(abc.ABC):
             # The common case: the whole commit in one round trip (docs/benchmarks.md).
             await self.write_all(statements)
             return
+        await self._enqueue_charged(statements, message.quota)
+
+    async def _enqueue_charged(self, statements: list[Statement], charge: QuotaCharge) -> None:
+        """The message's statements and its quota charge, committed only if every daily
+        quota it is charged to has room (else QuotaExceeded, and nothing is written).
+        Here statement by statement; a dialect may do it in fewer round trips."""
         async with self.transaction() as tx:
             for sql, params in statements:
                 await tx.execute(sql, params)
-            # A quota charge depends on what the updates find: statement by statement.
-            await self._charge(tx, message.quota)
+            for name, ensure, update in self._charge_statements(charge):
+                await tx.execute(*ensure)
+                if not await tx.execute(*update):
+                    raise QuotaExceeded(name)
 
     async def enqueue_group(self, messages: Sequence[NewMessage]) -> None:
         """Several messages in one transaction: all of them are queued, or none.
@@ -259,30 +267,28 @@ class SqlStore(abc.ABC):
             )
         return statements
 
-    async def _charge(self, tx: Tx, charge: QuotaCharge) -> None:
-        # The row update is conditional, so two replicas racing for the last of a quota
-        # cannot both win: the second waits on the row lock, then finds no room.
+    def _charge_statements(self, charge: QuotaCharge) -> list[tuple[str, Statement, Statement]]:
+        """Per daily quota the message is charged to: its name, the statement that makes
+        sure the day's row exists, and the charge, which changes one row if there is room.
+
+        The charge is conditional, so two replicas racing for the last of a quota cannot
+        both win: the second waits on the row lock, then finds no room.
+        """
+        found: list[tuple[str, Statement, Statement]] = []
         for subject, limit, name in (
             ("*", charge.workspace_daily, "workspace_daily"),
             (charge.user_key, charge.per_user_daily, "per_user_daily"),
         ):
             if limit is None:
                 continue
-            await tx.execute(self.ensure_quota_row_sql, (charge.workspace_id, subject, charge.day))
-            charged = await tx.execute(
+            row = (charge.workspace_id, subject, charge.day)
+            update = (
                 "UPDATE quota_usage SET used = used + ?"
                 " WHERE workspace_id = ? AND subject = ? AND day = ? AND used + ? <= ?",
-                (
-                    charge.recipients,
-                    charge.workspace_id,
-                    subject,
-                    charge.day,
-                    charge.recipients,
-                    limit,
-                ),
+                (charge.recipients, *row, charge.recipients, limit),
             )
-            if not charged:
-                raise QuotaExceeded(name)
+            found.append((name, (self.ensure_quota_row_sql, row), update))
+        return found
 
     async def quota_used(self, workspace_id: str, day: str) -> dict[str, int]:
         async with self.transaction() as tx:
