@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
 emails_processed_total = Counter(
     "emails_processed_total",
@@ -114,3 +114,16 @@ def child(metric: Any, *labels: str) -> Any:
     if found is None:
         found = _children[key] = metric.labels(*labels)
     return found
+
+
+def provider_health_of_every_process() -> dict[str, float]:
+    """provider -> the lowest `provider_health` of the relay's live processes, read from
+    the multiprocess directory (multiprocess mode only)."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return {
+        sample.labels["provider"]: sample.value
+        for family in registry.collect()
+        if family.name == "provider_health"
+        for sample in family.samples
+    }

@@ -13,12 +13,16 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import multiprocess
 
 from relay.config import ConfigError, parse_settings
 from tests.conftest import mysql_settings
@@ -29,6 +33,7 @@ from tests.test_processes import start_process, write_config
 DELIVERING = 3
 WORKERS = 6
 CONNECTIONS = 6
+TOKEN = "oncall-token-" + "d" * 24
 
 
 class Relay(RelayLog):
@@ -44,7 +49,10 @@ class Relay(RelayLog):
             tmp_path / "relay.yaml",
             {
                 "smtp": {"port": self.smtp_port, "hostname": "relay.test"},
-                "http": {"port": self.http_port},
+                "http": {
+                    "port": self.http_port,
+                    "admin_tokens": [{"name": "oncall", "token": TOKEN}],
+                },
                 "queue": {"backend": "mysql", "mysql": mysql_settings(mariadb, database)},
                 "providers": {
                     "smarthost": {
@@ -68,7 +76,8 @@ class Relay(RelayLog):
                 },
             },
         )
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
+        self.metrics = tmp_path / "metrics"
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics)
         try:
             self.process = start_process(config, self.log)
         finally:
@@ -100,6 +109,61 @@ def relay(mariadb: MariaDB, tmp_path: Path, slow_sink: SmtpSink) -> Any:
     if started.process.poll() is None:
         started.process.kill()
         started.process.wait()
+
+
+def get_json(relay: Relay, path: str) -> Any:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{relay.http_port}{path}", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return json.load(reply)
+    except urllib.error.HTTPError as error:  # /health answers 503 when unhealthy
+        return json.load(error)
+
+
+# Sets provider_health to 0 in the relay's metrics directory and stays alive, as a delivery
+# process whose breaker for the provider opened does.
+_OPENED_ELSEWHERE = (
+    "import sys, time; from relay import metrics; "
+    "metrics.provider_health.labels('smarthost').set(0); print('open', flush=True); "
+    "time.sleep(120)"
+)
+
+
+def test_a_circuit_open_in_another_process_shows_in_the_first_ones_health(
+    relay: Relay,
+) -> None:
+    """The first process answers /health and /api/providers/health, from breakers of its
+    own; a circuit open in another delivery process must show there too. The other
+    process is a stand-in writing to the relay's metrics directory what a delivery
+    process whose breaker opened writes, so that which process meets the failure is not
+    left to chance."""
+    [before] = get_json(relay, "/api/providers/health")
+    assert before["healthy"] and before["state"] == "closed"
+
+    stand_in = subprocess.Popen(
+        [sys.executable, "-c", _OPENED_ELSEWHERE],
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(relay.metrics)},
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert stand_in.stdout is not None and stand_in.stdout.readline() == b"open\n"
+        [after] = get_json(relay, "/api/providers/health")
+        health = get_json(relay, "/health")
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+        multiprocess.mark_process_dead(stand_in.pid, str(relay.metrics))
+
+    assert not after["healthy"] and after["state"] == "open in another process"
+    assert health["checks"]["smarthost"] == {
+        "status": "unhealthy",
+        "message": "circuit open in another process",
+    }
+    assert health["status"] == "degraded"
+    [again] = get_json(relay, "/api/providers/health")
+    assert again["healthy"], "the stand-in is gone: every live process finds it healthy"
 
 
 def connections_by_pid(*, sport: int | None = None, dport: int | None = None) -> Counter[int]:

@@ -29,6 +29,7 @@ from relay.ingest.handler import IngestHandler
 from relay.ingest.protocol import Gate
 from relay.limits import Override
 from relay.logs import event
+from relay.metrics import provider_health_of_every_process
 from relay.processes import multiprocess_metrics
 from relay.queue.sql import SqlStore
 
@@ -284,7 +285,7 @@ def create_app(relay: RelayView) -> FastAPI:
 
     @app.get("/api/providers/health", tags=["admin"], response_model=list[ProviderHealth])
     async def providers_health(who: Admin) -> list[ProviderHealth]:
-        return [ProviderHealth(**entry) for entry in relay.router.health()]
+        return [ProviderHealth(**entry) for entry in _provider_states(relay)]
 
     @app.get("/api/rate-limit", tags=["admin"], response_model=list[WorkspaceLimits])
     async def rate_limits(who: Admin) -> list[WorkspaceLimits]:
@@ -432,14 +433,13 @@ async def _health(relay: RelayView) -> Health:
         status = "unhealthy"
 
     order = relay.settings.delivery.providers
-    states = {entry["provider"]: entry for entry in relay.router.health()}
+    states = {entry["provider"]: entry for entry in _provider_states(relay)}
     for name, entry in states.items():
         if entry["healthy"]:
             checks[name] = Check(status="healthy")
             continue
-        checks[name] = Check(
-            status="unhealthy", message=f"circuit {entry['state']}: {entry['last_error_kind']}"
-        )
+        why = f": {entry['last_error_kind']}" if entry["last_error_kind"] else ""
+        checks[name] = Check(status="unhealthy", message=f"circuit {entry['state']}{why}")
         # Only the primary degrades the service: the backup being down changes nothing
         # while the primary carries the mail (runbook 3.3).
         if name == order[0] and status == "healthy":
@@ -471,6 +471,24 @@ async def _health(relay: RelayView) -> Health:
         version=__version__,
         checks=checks,
     )
+
+
+def _provider_states(relay: RelayView) -> list[dict[str, Any]]:
+    """This process's circuit breakers, each marked unhealthy too when the provider's
+    circuit is open in another delivery process of the relay (`delivery.processes`: each
+    process has breakers of its own, and this one may not have met the failure yet).
+
+    The other processes' view is the `provider_health` gauge they keep in the shared
+    metrics directory, the lowest of the live processes'; the details (error, retry time)
+    are this process's.
+    """
+    elsewhere = provider_health_of_every_process() if multiprocess_metrics() else {}
+    states = []
+    for entry in relay.router.health():
+        if entry["healthy"] and elsewhere.get(entry["provider"], 1.0) < 1.0:
+            entry = {**entry, "healthy": False, "state": "open in another process"}
+        states.append(entry)
+    return states
 
 
 async def _stats(relay: RelayView) -> Stats:
