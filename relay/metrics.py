@@ -59,7 +59,8 @@ email_queue_depth = Gauge(
 )
 email_queue_messages = Gauge(
     "email_queue_messages",
-    "Messages in the queue database by status.",
+    "Messages in the queue database by status; queued and processing every 5 s, the"
+    " finished statuses (sent, failed, bounced) every 5 minutes.",
     ["status"],
     multiprocess_mode="mostrecent",
 )

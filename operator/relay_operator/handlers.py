@@ -357,15 +357,34 @@ async def _apply(
     verdict = "ours" if live is None else ctx.children.verdict(manifest, live)
     if verdict == "unchanged":
         return None
-    result = await ctx.kube.apply(manifest)
+    child = f"{manifest['kind']} {manifest['metadata']['name']}"
+    try:
+        try:
+            result = await ctx.kube.apply(manifest)
+        except ApiError as exc:
+            if exc.status != 422 or manifest["kind"] != "Service":
+                raise
+            # Someone changed a port's number. Service ports are keyed by port and
+            # protocol, so the apply would add ours beside theirs under the same name, and
+            # is refused (Duplicate value). Ours replace the list whole first (a merge
+            # patch replaces lists), then the apply takes the fields back as before.
+            meta = manifest["metadata"]
+            url = path("v1", "Service", meta["namespace"], meta["name"])
+            await ctx.kube.merge_patch(url, {"spec": {"ports": manifest["spec"]["ports"]}})
+            result = await ctx.kube.apply(manifest)
+            verdict = "theirs"
+    except ApiError as exc:
+        # Said where on-call looks, not only in the operator's log: a quota, an admission
+        # policy or an edit the operator cannot undo keeps the relay from its children.
+        await _announce(ctx, obj, "ApplyFailed", f"{child}: {exc}", warning=True)
+        raise
     ctx.children.record(manifest, result)
     if verdict == "theirs":
         await _announce(
             ctx,
             obj,
             "DriftRepaired",
-            f"{manifest['kind']} {manifest['metadata']['name']} was changed or deleted"
-            " outside the operator: applied again",
+            f"{child} was changed or deleted outside the operator: applied again",
             warning=True,
         )
     return result

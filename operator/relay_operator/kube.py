@@ -162,6 +162,20 @@ class Kube:
         url = f"/api/v1/namespaces/{event['metadata']['namespace']}/events"
         await self._in_thread(self.request, "POST", url, body=event)
 
+    async def merge_patch(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A JSON merge patch as the operator's field manager: lists in it replace the
+        stored lists whole, where an apply would merge them by their keys."""
+        result = await self._in_thread(
+            self.request,
+            "PATCH",
+            url,
+            body=body,
+            query={"fieldManager": FIELD_MANAGER},
+            content_type="application/merge-patch+json",
+        )
+        assert result is not None
+        return result
+
     async def patch_status(self, url: str, status: dict[str, Any]) -> dict[str, Any]:
         """Merge-patch the status subresource; the object as stored afterwards."""
         result = await self._in_thread(

@@ -66,7 +66,8 @@ class OperatorSettings(BaseSettings):
         0,
         ge=0,
         description="Pause after applying a relay's ConfigMap, Service and PDB, before its "
-        "Deployment. Tests use it to stop the operator in the middle of a reconcile; leave 0 in production.",
+        "Deployment. Tests use it to stop the operator in the middle of a reconcile; leave 0 "
+        "in production.",
     )
     log_format: str = Field("json", pattern="^(json|text)$", description="json or text.")
     service_host_override: str | None = Field(

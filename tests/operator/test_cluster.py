@@ -486,6 +486,42 @@ def test_the_resync_repairs_only_children_changed_outside(
     time.sleep(5)
     assert len(repaired()) == 2, repaired()
 
+    # Someone renumbers the SMTP port. Ports are keyed by number: an apply alone would
+    # add 2525 beside 2526 under the same name, and the API server would refuse it.
+    cluster.kubectl(
+        "patch", "-n", namespace, "service/embedded", "--type=json",
+        "-p", '[{"op": "replace", "path": "/spec/ports/0/port", "value": 2526}]',
+    )  # fmt: skip
+
+    def ports() -> dict[str, int]:
+        service = cluster.get("-n", namespace, "service/embedded")
+        return {p["name"]: p["port"] for p in service["spec"]["ports"]}
+
+    eventually(lambda: ports() == {"smtp": 2525, "http": 8080}, timeout=30, what="the port")
+    eventually(lambda: len(repaired()) == 3, timeout=30, what="the Event")
+    assert f"resync of {namespace}/embedded failed" not in operator.log.read_text()
+    wait_ready(cluster, namespace, "smtprelay/embedded")
+
+
+def test_a_child_the_api_server_refuses_is_reported_on_the_relay(
+    operator: OperatorProcess, namespace: str
+) -> None:
+    cluster = operator.cluster
+    cluster.kubectl("create", "quota", "no-services", "-n", namespace, "--hard=services=0")
+    cluster.apply(
+        namespace, EXAMPLES / "relayprovider-outbox.yaml", EXAMPLES / "smtprelay-embedded.yaml"
+    )
+
+    def refused() -> list[str]:
+        return [m for _, r, m in events(cluster, namespace, "embedded") if r == "ApplyFailed"]
+
+    [message, *_] = eventually(refused, timeout=30, what="ApplyFailed")
+    assert message.startswith("Service embedded: 403 Forbidden:"), message
+    assert "exceeded quota: no-services" in message
+
+    cluster.kubectl("delete", "quota", "no-services", "-n", namespace)
+    wait_ready(cluster, namespace, "smtprelay/embedded")
+
 
 def test_deleting_a_relay_garbage_collects_its_children(
     operator: OperatorProcess, namespace: str
