@@ -26,7 +26,7 @@ import pydantic
 
 from relay_operator import builders, conditions, drift, providers, rollout, strategies
 from relay_operator.builders import Provider, Relay
-from relay_operator.cache import ObjectCache, url_of
+from relay_operator.cache import ObjectCache
 from relay_operator.conditions import Problem
 from relay_operator.kube import FIELD_MANAGER, ApiError, Kube, event, path
 from relay_operator.models import API_VERSION, GROUP, VERSION, RelayProviderSpec, SmtpRelaySpec
@@ -304,11 +304,14 @@ async def _apply_children(
     relay: Relay,
     inputs: Inputs,
     live: Mapping[str, str] | None = None,
+    drifted: str | None = None,
 ) -> dict[str, Any]:
     """Apply ConfigMap, Deployment, Service and PDB; return the Deployment as stored.
 
     `live`: the resync's fingerprints of the children as stored; then only the children
     that changed on either side since the last apply are applied (see drift.py).
+    `drifted`: the URL of the Deployment when its watch showed it edited or deleted by
+    someone else, which is then reported as such.
     """
     deployment_url = path("apps/v1", "Deployment", relay.namespace, relay.name)
 
@@ -336,7 +339,7 @@ async def _apply_children(
         config_hash=config_hash,
         secret_versions=inputs.secret_versions,
     )
-    after = await _apply(ctx, obj, deployment, live)
+    after = await _apply(ctx, obj, deployment, live, drifted=drifted == deployment_url)
     if after is None:
         if before is not None:
             return before  # as our last apply left it: nothing to report
@@ -345,16 +348,25 @@ async def _apply_children(
         assert after is not None
     ctx.cache.seen(after, url=deployment_url)
     ctx.applied[deployment_url] = after["metadata"].get("generation", 0)
-    await _report_changes(ctx, obj, before, after)
+    if before is not None or drifted != deployment_url:
+        await _report_changes(ctx, obj, before, after)  # not "Created" for a repair
     return after
 
 
 async def _apply(
-    ctx: Context, obj: dict[str, Any], manifest: dict[str, Any], live: Mapping[str, str] | None
+    ctx: Context,
+    obj: dict[str, Any],
+    manifest: dict[str, Any],
+    live: Mapping[str, str] | None,
+    *,
+    drifted: bool = False,
 ) -> dict[str, Any] | None:
     """Apply one child, and remember it; in a resync pass (`live` given) only when it
-    changed on either side. None when it was left alone."""
+    changed on either side. None when it was left alone. `drifted`: known to have been
+    changed or deleted by someone else."""
     verdict = "ours" if live is None else ctx.children.verdict(manifest, live)
+    if drifted:
+        verdict = "theirs"
     if verdict == "unchanged":
         return None
     child = f"{manifest['kind']} {manifest['metadata']['name']}"
@@ -463,6 +475,7 @@ async def reconcile_relay(
             return  # the garbage collector takes the children
         if pods_only and await _refresh_status(ctx, obj, url):
             return
+        drifted = _deployment_drifted(ctx, obj) if pods_only else None
         generation = obj["metadata"].get("generation", 0)
         previous = obj.get("status") or {}
         try:
@@ -480,7 +493,7 @@ async def reconcile_relay(
         deployment: dict[str, Any] | None
         retired = False
         if relay is not None and not inputs.problems:
-            deployment = await _apply_children(ctx, obj, relay, inputs, live)
+            deployment = await _apply_children(ctx, obj, relay, inputs, live, drifted)
             if previous.get("observedGeneration") != generation:
                 await _design_only_warnings(ctx, obj, relay)
             if previous.get("rollout"):
@@ -553,6 +566,24 @@ async def _refresh_status(ctx: Context, obj: dict[str, Any], url: str) -> bool:
     changed = await _write_status(ctx, obj, status, url)
     await _report_transitions(ctx, obj, changed)
     return True
+
+
+def _deployment_drifted(ctx: Context, obj: dict[str, Any]) -> str | None:
+    """The relay's Deployment URL if its watch showed it deleted, or at a generation other
+    than our last apply's, while it was ours: someone else's doing. Run under the relay's
+    lock, after which every apply of ours has been noted in `ctx.applied`."""
+    meta = obj["metadata"]
+    url = path("apps/v1", "Deployment", meta["namespace"], meta["name"])
+    if url not in ctx.applied or (obj.get("spec") or {}).get("strategy"):
+        return None  # a rollout strategy deletes and makes Deployments of its own
+    if (obj.get("status") or {}).get("rollout"):
+        return None
+    known, deployment = ctx.cache.lookup(url)
+    if not known:
+        return None
+    if deployment is None or deployment["metadata"].get("generation") != ctx.applied[url]:
+        return url
+    return None
 
 
 async def _design_only_warnings(ctx: Context, obj: dict[str, Any], relay: Relay) -> None:
@@ -808,8 +839,6 @@ async def deployment_event(
     # deleted or edited by hand is applied again.
     ctx = _context(memo)
     _remember(ctx, event)
-    if event.get("type") == "DELETED":
-        ctx.applied.pop(url_of(event["object"]), None)
     relay = labels.get(builders.LABEL_RELAY)
     if relay and namespace:
         try:

@@ -502,6 +502,18 @@ def test_the_resync_repairs_only_children_changed_outside(
     assert f"resync of {namespace}/embedded failed" not in operator.log.read_text()
     wait_ready(cluster, namespace, "smtprelay/embedded")
 
+    # The Deployment is watched: scaled or deleted by hand, it is put back at once, and
+    # said so, not announced as a new relay.
+    deployment = "Deployment embedded was changed or deleted outside the operator: applied again"
+    cluster.kubectl("scale", "-n", namespace, "deployment/embedded", "--replicas=3")
+    eventually(lambda: repaired().count(deployment) == 1, timeout=30, what="scale repaired")
+    assert cluster.get("-n", namespace, "deployment/embedded")["spec"]["replicas"] == 1
+    cluster.kubectl("delete", "-n", namespace, "deployment/embedded")
+    eventually(lambda: repaired().count(deployment) == 2, timeout=30, what="deletion repaired")
+    wait_ready(cluster, namespace, "smtprelay/embedded")
+    created = [r for _, r, _ in events(cluster, namespace, "embedded") if r == "Created"]
+    assert len(created) == 1, "the repair was announced as a new relay"
+
 
 def test_a_child_the_api_server_refuses_is_reported_on_the_relay(
     operator: OperatorProcess, namespace: str
