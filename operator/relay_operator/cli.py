@@ -15,6 +15,7 @@ import socket
 import sys
 
 import kopf
+from pydantic.fields import FieldInfo
 
 from relay_operator import __version__, crdgen
 from relay_operator.kube import Kube
@@ -33,13 +34,20 @@ def _parser() -> argparse.ArgumentParser:
         help="run the operator against the cluster of $KUBECONFIG or the pod's account",
         epilog="Settings: "
         + "; ".join(
-            f"RELAY_OPERATOR_{name.upper()} ({info.description})"
+            f"RELAY_OPERATOR_{name.upper()} ({info.description}{_default(info)})"
             for name, info in OperatorSettings.model_fields.items()
         ),
     )
     run.add_argument("--verbose", action="store_true", help="debug logging")
     commands.add_parser("crds", help="print the CustomResourceDefinitions as YAML")
     return parser
+
+
+def _default(info: FieldInfo) -> str:
+    """What the help says of a setting's default: nothing for none."""
+    if info.is_required() or info.default is None or info.default == "":
+        return ""
+    return f" Default: {info.default}."
 
 
 def identity() -> str:

@@ -42,7 +42,8 @@ class OperatorSettings(BaseSettings):
         60,
         gt=0,
         description="Period of the full resync: referenced Secrets are re-read (a rotated "
-        "one rolls the relays) and every resource is reconciled again.",
+        "one rolls the relays), every resource is reconciled again, and children changed "
+        "or deleted by others are applied again.",
     )
     watch_server_timeout_s: int = Field(
         300,

@@ -120,3 +120,14 @@ def test_cli_prints_the_crds(capsys: pytest.CaptureFixture[str]) -> None:
     names = {d["metadata"]["name"] for d in documents}
     assert "smtprelays.relay.smtp-relay.dev" in names
     assert "clusterkopfpeerings.kopf.dev" in names
+
+
+def test_run_help_names_every_setting_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "RELAY_OPERATOR_RESYNC_INTERVAL_S (Period of the full resync:" in text
+    assert "applied again. Default: 60.)" in text
+    assert "RELAY_OPERATOR_API_CONCURRENCY (API requests in flight" in text
+    # A setting that is off unless given says nothing of a default.
+    assert "standalone (a developer's laptop).);" in text
