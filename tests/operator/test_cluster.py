@@ -285,17 +285,29 @@ def test_credentials_reach_pods_as_files_only_and_rotation_rolls(
     )
     wait_ready(cluster, namespace, "smtprelay/relay")
 
+    def current_secrets() -> str:
+        versions = {}
+        for name in ("gmail-credentials", "mailgun-credentials", "relay-db", "relay-admin-token"):
+            meta = cluster.get("-n", namespace, f"secret/{name}")["metadata"]
+            versions[name] = f"{meta['uid']}/{meta['resourceVersion']}"
+        return builders.secrets_digest(versions)
+
     def settled() -> bool:
-        # Ready can come while a second template (the Secrets found after the first
-        # apply) is still rolling out: wait for the status to describe the Deployment.
+        # Ready can come while later templates (the Secrets found after the first apply,
+        # one resync apart) are still to roll out: wait for the status to describe the
+        # Deployment, and the Deployment the Secrets as they are.
         deployment = cluster.get("-n", namespace, "deployment/relay") or {}
         template = deployment.get("spec", {}).get("template", {}).get("metadata", {})
         status = (cluster.get("-n", namespace, "smtprelay/relay") or {}).get("status", {})
-        return status.get("secretsHash") == (template.get("annotations") or {}).get(
-            builders.SECRETS_HASH
-        ) and (_condition({"status": status}, "Progressing") or ("",))[:2] == (
-            "False",
-            "RolloutComplete",
+        hashed = status.get("secretsHash")
+        return (
+            hashed == current_secrets()
+            and hashed == (template.get("annotations") or {}).get(builders.SECRETS_HASH)
+            and (_condition({"status": status}, "Progressing") or ("",))[:2]
+            == (
+                "False",
+                "RolloutComplete",
+            )
         )
 
     eventually(settled, timeout=30, what="the relay's status to describe its Deployment")
