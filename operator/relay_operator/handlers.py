@@ -304,14 +304,14 @@ async def _apply_children(
     relay: Relay,
     inputs: Inputs,
     live: Mapping[str, str] | None = None,
-    drifted: str | None = None,
+    drifted: bool = False,
 ) -> dict[str, Any]:
     """Apply ConfigMap, Deployment, Service and PDB; return the Deployment as stored.
 
     `live`: the resync's fingerprints of the children as stored; then only the children
     that changed on either side since the last apply are applied (see drift.py).
-    `drifted`: the URL of the Deployment when its watch showed it edited or deleted by
-    someone else, which is then reported as such.
+    `drifted`: the Deployment's watch showed it edited or deleted by someone else, which
+    is then reported as such.
     """
     deployment_url = path("apps/v1", "Deployment", relay.namespace, relay.name)
 
@@ -339,7 +339,7 @@ async def _apply_children(
         config_hash=config_hash,
         secret_versions=inputs.secret_versions,
     )
-    after = await _apply(ctx, obj, deployment, live, drifted=drifted == deployment_url)
+    after = await _apply(ctx, obj, deployment, live, drifted=drifted)
     if after is None:
         if before is not None:
             return before  # as our last apply left it: nothing to report
@@ -348,7 +348,7 @@ async def _apply_children(
         assert after is not None
     ctx.cache.seen(after, url=deployment_url)
     ctx.applied[deployment_url] = after["metadata"].get("generation", 0)
-    if before is not None or drifted != deployment_url:
+    if before is not None or not drifted:
         await _report_changes(ctx, obj, before, after)  # not "Created" for a repair
     return after
 
@@ -371,20 +371,7 @@ async def _apply(
         return None
     child = f"{manifest['kind']} {manifest['metadata']['name']}"
     try:
-        try:
-            result = await ctx.kube.apply(manifest)
-        except ApiError as exc:
-            if exc.status != 422 or manifest["kind"] != "Service":
-                raise
-            # Someone changed a port's number. Service ports are keyed by port and
-            # protocol, so the apply would add ours beside theirs under the same name, and
-            # is refused (Duplicate value). Ours replace the list whole first (a merge
-            # patch replaces lists), then the apply takes the fields back as before.
-            meta = manifest["metadata"]
-            url = path("v1", "Service", meta["namespace"], meta["name"])
-            await ctx.kube.merge_patch(url, {"spec": {"ports": manifest["spec"]["ports"]}})
-            result = await ctx.kube.apply(manifest)
-            verdict = "theirs"
+        result = await ctx.kube.apply(manifest)
     except ApiError as exc:
         # Said where on-call looks, not only in the operator's log: a quota, an admission
         # policy or an edit the operator cannot undo keeps the relay from its children.
@@ -475,7 +462,7 @@ async def reconcile_relay(
             return  # the garbage collector takes the children
         if pods_only and await _refresh_status(ctx, obj, url):
             return
-        drifted = _deployment_drifted(ctx, obj) if pods_only else None
+        drifted = pods_only and _deployment_drifted(ctx, obj)
         generation = obj["metadata"].get("generation", 0)
         previous = obj.get("status") or {}
         try:
@@ -568,22 +555,20 @@ async def _refresh_status(ctx: Context, obj: dict[str, Any], url: str) -> bool:
     return True
 
 
-def _deployment_drifted(ctx: Context, obj: dict[str, Any]) -> str | None:
-    """The relay's Deployment URL if its watch showed it deleted, or at a generation other
-    than our last apply's, while it was ours: someone else's doing. Run under the relay's
+def _deployment_drifted(ctx: Context, obj: dict[str, Any]) -> bool:
+    """Whether the relay's Deployment, ours, was seen by its watch deleted or at a
+    generation other than our last apply's: someone else's doing. Run under the relay's
     lock, after which every apply of ours has been noted in `ctx.applied`."""
     meta = obj["metadata"]
     url = path("apps/v1", "Deployment", meta["namespace"], meta["name"])
-    if url not in ctx.applied or (obj.get("spec") or {}).get("strategy"):
-        return None  # a rollout strategy deletes and makes Deployments of its own
-    if (obj.get("status") or {}).get("rollout"):
-        return None
+    # A rollout strategy deletes and makes Deployments of its own.
+    strategy = (obj.get("spec") or {}).get("strategy") or (obj.get("status") or {}).get("rollout")
+    if url not in ctx.applied or strategy:
+        return False
     known, deployment = ctx.cache.lookup(url)
     if not known:
-        return None
-    if deployment is None or deployment["metadata"].get("generation") != ctx.applied[url]:
-        return url
-    return None
+        return False
+    return deployment is None or deployment["metadata"].get("generation") != ctx.applied[url]
 
 
 async def _design_only_warnings(ctx: Context, obj: dict[str, Any], relay: Relay) -> None:

@@ -132,16 +132,30 @@ class Kube:
         """
         meta = manifest["metadata"]
         url = path(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
-        result = await self._in_thread(
-            self.request,
-            "PATCH",
-            url,
-            body=manifest,
-            query={"fieldManager": FIELD_MANAGER, "force": "true"},
-            content_type="application/apply-patch+yaml",
-        )
-        assert result is not None
-        return result
+
+        async def once() -> dict[str, Any]:
+            result = await self._in_thread(
+                self.request,
+                "PATCH",
+                url,
+                body=manifest,
+                query={"fieldManager": FIELD_MANAGER, "force": "true"},
+                content_type="application/apply-patch+yaml",
+            )
+            assert result is not None
+            return result
+
+        try:
+            return await once()
+        except ApiError as exc:
+            if exc.status != 422 or manifest["kind"] != "Service":
+                raise
+        # Someone changed a port's number. Service ports are keyed by port and protocol,
+        # so the apply adds ours beside theirs under the same name, and is refused
+        # (Duplicate value). Ours replace the list whole first (a merge patch replaces
+        # lists), then the apply takes the fields back as before.
+        await self.merge_patch(url, {"spec": {"ports": manifest["spec"]["ports"]}})
+        return await once()
 
     async def delete(self, url: str) -> bool:
         """Delete in the background (dependents go with it); False when already gone."""
