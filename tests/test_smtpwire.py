@@ -1,0 +1,337 @@
+"""The smarthost provider's SMTP client against real peers: smtp-sink and aiosmtpd servers.
+
+Pipelining is seen on the wire: a recording proxy on 127.0.0.1 keeps each chunk the client
+wrote, and a pipelined transaction writes MAIL, the RCPTs and DATA as one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from relay.config import SmtpProviderSettings
+from relay.delivery.providers.base import Envelope, Outcome, ProviderError
+from relay.delivery.providers.smtp import SmtpProvider
+from relay.delivery.providers.smtpwire import _data_block, _extensions
+from tests.servers import SmtpSink, free_port
+
+PASSWORD = "smarthost-secret-Pw-71"
+
+
+def provider(port: int, **extra: Any) -> SmtpProvider:
+    settings = SmtpProviderSettings.model_validate(
+        {
+            "type": "smtp",
+            "host": "127.0.0.1",
+            "port": port,
+            "tls": "none",
+            "timeout": timedelta(seconds=5),
+            "local_hostname": "relay.test",
+            **extra,
+        }
+    )
+    return SmtpProvider("smarthost", settings)
+
+
+def envelope(*rcpts: str) -> Envelope:
+    return Envelope("Q1", "clinic@example.org", rcpts)
+
+
+@dataclass
+class Recorder:
+    """A TCP proxy keeping each chunk the client wrote, in order."""
+
+    target: int
+    chunks: list[bytes] = field(default_factory=list)
+    port: int = 0
+    sessions: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def start(self) -> asyncio.Server:
+        server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        return server
+
+    async def stop(self, server: asyncio.Server) -> None:
+        server.close()
+        # Sessions end when the client says QUIT; one still open is cut off here.
+        for session in self.sessions:
+            session.cancel()
+        await asyncio.gather(*self.sessions, return_exceptions=True)
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.sessions.append(asyncio.ensure_future(self._pipe(reader, writer)))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target)
+
+        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter, keep: bool) -> None:
+            while data := await src.read(65536):
+                if keep:
+                    self.chunks.append(data)
+                dst.write(data)
+                await dst.drain()
+            dst.close()
+
+        await asyncio.gather(
+            copy(reader, upstream_writer, True),
+            copy(upstream_reader, writer, False),
+            return_exceptions=True,
+        )
+
+    def written_with(self, command: bytes) -> bytes:
+        return next(chunk for chunk in self.chunks if command in chunk)
+
+
+@pytest.fixture
+async def recorder(smtp_sink: SmtpSink) -> AsyncIterator[Recorder]:
+    recorder = Recorder(smtp_sink.port)
+    server = await recorder.start()
+    yield recorder
+    await recorder.stop(server)
+
+
+class Scripted:
+    """An aiosmtpd handler that refuses by address and offers PIPELINING when told to."""
+
+    def __init__(self, pipelining: bool = True) -> None:
+        self.pipelining = pipelining
+        self.received: list[tuple[str, list[str], bytes]] = []
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):  # type: ignore[no-untyped-def]
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
+
+    async def handle_MAIL(self, server, session, envelope, address, options):  # type: ignore[no-untyped-def]
+        if address.startswith("blocked@"):
+            return "451 4.7.1 sender held for review"
+        envelope.mail_from = address
+        return "250 OK"
+
+    async def handle_RCPT(self, server, session, envelope, address, options):  # type: ignore[no-untyped-def]
+        if address.startswith("gone@"):
+            return "550 5.1.1 no such user"
+        if address.startswith("full@"):
+            return "452 4.2.2 mailbox full"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+        self.received.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+        return f"250 2.0.0 Ok: queued as S{len(self.received)}"
+
+
+def _authenticate(server, session, envelope, mechanism, auth_data):  # type: ignore[no-untyped-def]
+    ok = isinstance(auth_data, LoginPassword) and auth_data.password == PASSWORD.encode()
+    return AuthResult(success=ok, handled=False)
+
+
+@pytest.fixture
+def scripted() -> Iterator[tuple[Scripted, Controller]]:
+    handler = Scripted()
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    yield handler, controller
+    controller.stop()
+
+
+@pytest.mark.postfix
+async def test_a_pipelining_peer_gets_the_envelope_in_one_write(
+    recorder: Recorder, smtp_sink: SmtpSink
+) -> None:
+    smarthost = provider(recorder.port)
+    try:
+        [result] = await smarthost.send(envelope("a@example.net"), b"Subject: x\r\n\r\nbody\r\n")
+        assert result.outcome is Outcome.DELIVERED
+        await smarthost.send(envelope("b@example.net", "c@example.net"), b"Subject: y\r\n\r\ny\r\n")
+    finally:
+        await smarthost.close()
+
+    envelope_write = recorder.written_with(b"MAIL FROM:<clinic@example.org>")
+    assert envelope_write.startswith(b"MAIL FROM:")
+    assert envelope_write.endswith(b"RCPT TO:<a@example.net>\r\nDATA\r\n")
+    assert sorted(m.rcpt_tos for m in smtp_sink.messages()) == [
+        ["a@example.net"],
+        ["b@example.net", "c@example.net"],
+    ]
+    # Both messages went over the one pooled session: one EHLO in all.
+    assert sum(chunk.count(b"EHLO relay.test") for chunk in recorder.chunks) == 1
+
+
+@pytest.mark.postfix
+@pytest.mark.parametrize(
+    ("flag", "hello"),
+    [("-p", b"EHLO relay.test\r\n"), ("-e", b"HELO relay.test\r\n")],
+    ids=["no PIPELINING", "no ESMTP"],
+)
+async def test_a_peer_without_pipelining_gets_one_command_at_a_time(
+    flag: str, hello: bytes
+) -> None:
+    sink = SmtpSink.start(flag)
+    recorder = Recorder(sink.port)
+    server = await recorder.start()
+    smarthost = provider(recorder.port)
+    try:
+        for rcpt in ("a@example.net", "b@example.net"):
+            [result] = await smarthost.send(envelope(rcpt), b"Subject: x\r\n\r\nbody\r\n")
+            assert result.outcome is Outcome.DELIVERED
+        assert recorder.written_with(b"MAIL FROM:") == b"MAIL FROM:<clinic@example.org>\r\n"
+        envelope_at = recorder.chunks.index(b"MAIL FROM:<clinic@example.org>\r\n")
+        assert recorder.chunks[envelope_at - 1] == hello
+        assert sorted(m.rcpt_tos for m in sink.messages()) == [["a@example.net"], ["b@example.net"]]
+    finally:
+        await smarthost.close()
+        await recorder.stop(server)
+        sink.stop()
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_each_recipient_gets_the_reply_that_decided_it(
+    scripted: tuple[Scripted, Controller], pipelining: bool
+) -> None:
+    handler, controller = scripted
+    handler.pipelining = pipelining
+    smarthost = provider(controller.port)
+    try:
+        results = await smarthost.send(
+            envelope("ok@example.net", "gone@example.net", "full@example.net"), b"x\r\n"
+        )
+        assert [(r.outcome, r.detail) for r in results] == [
+            (Outcome.DELIVERED, "2.0.0 Ok: queued as S1"),
+            (Outcome.PERMANENT, "550 5.1.1 no such user"),
+            (Outcome.TRANSIENT, "452 4.2.2 mailbox full"),
+        ]
+        assert results[0].provider_message_id == "S1"
+
+        # Nobody to deliver to: DATA is refused, the session is reset and kept.
+        results = await smarthost.send(envelope("gone@example.net"), b"x\r\n")
+        assert [r.outcome for r in results] == [Outcome.PERMANENT]
+
+        # A refused sender decides for every recipient.
+        sender_held = Envelope("Q2", "blocked@example.org", ("ok@example.net", "b@example.net"))
+        results = await smarthost.send(sender_held, b"x\r\n")
+        assert {r.detail for r in results} == {"451 4.7.1 sender held for review"}
+        assert {r.outcome for r in results} == {Outcome.TRANSIENT}
+
+        # The same session still delivers, with no transaction left over from the refusals.
+        [result] = await smarthost.send(envelope("ok@example.net"), b"y\r\n")
+        assert result.provider_message_id == "S2"
+        assert len(smarthost._idle) == 1
+    finally:
+        await smarthost.close()
+    assert handler.received == [
+        ("clinic@example.org", ["ok@example.net"], b"x\r\n"),
+        ("clinic@example.org", ["ok@example.net"], b"y\r\n"),
+    ]
+
+
+async def test_content_reaches_the_peer_byte_for_byte_after_dot_stuffing(
+    scripted: tuple[Scripted, Controller],
+) -> None:
+    handler, controller = scripted
+    content = b"Subject: dots\r\n\r\n.leading dot\r\n..two\r\n.\r\nlast line, no end"
+    smarthost = provider(controller.port)
+    try:
+        await smarthost.send(envelope("ok@example.net"), content)
+        await smarthost.send(envelope("ok@example.net"), b"Subject: bare\n\nlf\nonly\r.\n")
+    finally:
+        await smarthost.close()
+    assert handler.received[0][2] == content + b"\r\n"
+    assert handler.received[1][2] == b"Subject: bare\r\n\r\nlf\r\nonly\r\n.\r\n"
+
+
+async def test_a_pooled_session_the_peer_dropped_is_replaced_once() -> None:
+    handler = Scripted()
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    smarthost = provider(controller.port)
+    try:
+        await smarthost.send(envelope("ok@example.net"), b"1\r\n")
+        # The peer restarts: the pooled session is dead, the message is not lost for it.
+        controller.stop()
+        controller = Controller(handler, hostname="127.0.0.1", port=controller.port)
+        controller.start()
+        [result] = await smarthost.send(envelope("ok@example.net"), b"2\r\n")
+        assert result.outcome is Outcome.DELIVERED
+    finally:
+        await smarthost.close()
+        controller.stop()
+    assert [content for _, _, content in handler.received] == [b"1\r\n", b"2\r\n"]
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+async def test_auth_plain_or_login_and_a_refusal_that_names_no_secret(
+    tmp_path: Any, mechanism: str
+) -> None:
+    handler = Scripted()
+    other = "LOGIN" if mechanism == "PLAIN" else "PLAIN"
+    controller = Controller(
+        handler,
+        hostname="127.0.0.1",
+        port=free_port(),
+        authenticator=_authenticate,
+        auth_require_tls=False,
+        auth_exclude_mechanism=[other],
+    )
+    controller.start()
+    (tmp_path / "password").write_text(PASSWORD + "\n")
+    good = provider(controller.port, username="relay-a", password_file=str(tmp_path / "password"))
+    bad = provider(controller.port, username="relay-a", password="not-" + PASSWORD)
+    try:
+        [result] = await good.send(envelope("ok@example.net"), b"x\r\n")
+        assert result.outcome is Outcome.DELIVERED
+        with pytest.raises(ProviderError) as refused:
+            await bad.send(envelope("ok@example.net"), b"x\r\n")
+        assert refused.value.kind == "credentials" and not refused.value.transient
+        assert "535" in str(refused.value) and PASSWORD not in str(refused.value)
+    finally:
+        await good.close()
+        await bad.close()
+        controller.stop()
+    assert len(handler.received) == 1
+
+
+@pytest.mark.parametrize("offered", [True, False])
+async def test_smtputf8_is_asked_for_when_needed_and_never_dropped(offered: bool) -> None:
+    handler = Scripted()
+    controller = Controller(
+        handler, hostname="127.0.0.1", port=free_port(), enable_SMTPUTF8=offered
+    )
+    controller.start()
+    smarthost = provider(controller.port)
+    by_address = envelope("jürgen@example.de")
+    by_sender = Envelope("Q3", "a@example.org", ("b@example.net",), ("SMTPUTF8",))
+    try:
+        for needs_utf8 in (by_address, by_sender):
+            if offered:
+                [result] = await smarthost.send(needs_utf8, b"x\r\n")
+                assert result.outcome is Outcome.DELIVERED
+            else:
+                # Sent without it, the peer could mangle or refuse what it cannot read.
+                with pytest.raises(ProviderError, match="SMTPUTF8"):
+                    await smarthost.send(needs_utf8, b"x\r\n")
+    finally:
+        await smarthost.close()
+        controller.stop()
+    expected = [["jürgen@example.de"], ["b@example.net"]] if offered else []
+    assert [rcpts for _, rcpts, _ in handler.received] == expected
+
+
+def test_data_block_frames_content_as_data_carries_it() -> None:
+    assert _data_block(b"a\r\n.b\r\n") == b"a\r\n..b\r\n.\r\n"
+    assert _data_block(b".a") == b"..a\r\n.\r\n"
+    assert _data_block(b"a\nb\rc\r\n") == b"a\r\nb\r\nc\r\n.\r\n"
+    assert _data_block(b"") == b".\r\n"
+
+
+def test_ehlo_keywords_are_read_in_both_auth_spellings() -> None:
+    found = _extensions("mx.test greets you\nPIPELINING\nSIZE 1000\nAUTH=LOGIN PLAIN\n8bitmime")
+    assert found == {"PIPELINING": "", "SIZE": "1000", "AUTH": "LOGIN PLAIN", "8BITMIME": ""}
