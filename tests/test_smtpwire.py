@@ -102,6 +102,7 @@ class Scripted:
 
     def __init__(self, pipelining: bool = True) -> None:
         self.pipelining = pipelining
+        self.closing_seen = 0
         self.received: list[tuple[str, list[str], bytes]] = []
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):  # type: ignore[no-untyped-def]
@@ -113,6 +114,9 @@ class Scripted:
     async def handle_MAIL(self, server, session, envelope, address, options):  # type: ignore[no-untyped-def]
         if address.startswith("blocked@"):
             return "451 4.7.1 sender held for review"
+        if address.startswith("closing@"):
+            self.closing_seen += 1
+            return "421 4.3.2 shutting down"
         envelope.mail_from = address
         return "250 OK"
 
@@ -233,6 +237,27 @@ async def test_each_recipient_gets_the_reply_that_decided_it(
     ]
 
 
+async def test_a_421_ends_the_session_not_the_message(
+    scripted: tuple[Scripted, Controller],
+) -> None:
+    handler, controller = scripted
+    smarthost = provider(controller.port)
+    closing = Envelope("Q4", "closing@example.org", ("ok@example.net",))
+    try:
+        await smarthost.send(envelope("ok@example.net"), b"1\r\n")
+        # On the pooled session first, then once on a fresh one: the attempt as a whole
+        # fails (routing retries it later or elsewhere); no recipient is given a verdict.
+        with pytest.raises(ProviderError, match=r"421 4\.3\.2 shutting down"):
+            await smarthost.send(closing, b"x\r\n")
+        assert handler.closing_seen == 2
+        assert smarthost._idle == []
+        [result] = await smarthost.send(envelope("ok@example.net"), b"2\r\n")
+        assert result.outcome is Outcome.DELIVERED
+    finally:
+        await smarthost.close()
+    assert [content for _, _, content in handler.received] == [b"1\r\n", b"2\r\n"]
+
+
 async def test_content_reaches_the_peer_byte_for_byte_after_dot_stuffing(
     scripted: tuple[Scripted, Controller],
 ) -> None:
@@ -335,3 +360,82 @@ def test_data_block_frames_content_as_data_carries_it() -> None:
 def test_ehlo_keywords_are_read_in_both_auth_spellings() -> None:
     found = _extensions("mx.test greets you\nPIPELINING\nSIZE 1000\nAUTH=LOGIN PLAIN\n8bitmime")
     assert found == {"PIPELINING": "", "SIZE": "1000", "AUTH": "LOGIN PLAIN", "8BITMIME": ""}
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
+    """A private CA, and a server context for 127.0.0.1 signed by it."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    directory = tmp_path_factory.mktemp("tls")
+    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    return directory / "ca.pem", server
+
+
+@pytest.mark.parametrize(
+    ("mode", "peer"),
+    [
+        ("implicit", {"ssl_context": True}),
+        ("starttls", {"tls_context": True}),
+        ("opportunistic", {"tls_context": True}),
+        ("opportunistic", {}),
+    ],
+    ids=["implicit", "starttls", "opportunistic, offered", "opportunistic, not offered"],
+)
+async def test_each_tls_mode_against_a_peer_that_checks_it(
+    certificates: tuple[Any, Any], mode: str, peer: dict[str, bool]
+) -> None:
+    ca_file, server_context = certificates
+    handler = TlsWitness()
+    controller = Controller(
+        handler,
+        hostname="127.0.0.1",
+        port=free_port(),
+        **{key: server_context for key in peer},
+        **({"server_hostname": "127.0.0.1"} if "ssl_context" in peer else {}),
+    )
+    controller.start()
+    smarthost = provider(controller.port, tls=mode, ca_file=str(ca_file))
+    try:
+        [result] = await smarthost.send(envelope("ok@example.net"), b"x\r\n")
+        assert result.outcome is Outcome.DELIVERED
+    finally:
+        await smarthost.close()
+        controller.stop()
+    assert handler.encrypted == [bool(peer)]
+
+
+async def test_a_certificate_not_from_the_configured_ca_stops_the_session(
+    certificates: tuple[Any, Any],
+) -> None:
+    _, server_context = certificates
+    handler = TlsWitness()
+    controller = Controller(
+        handler, hostname="127.0.0.1", port=free_port(), tls_context=server_context
+    )
+    controller.start()
+    # No ca_file: the system's CAs, which never signed the test CA's certificate.
+    smarthost = provider(controller.port, tls="starttls")
+    try:
+        with pytest.raises(ProviderError, match=r"cannot connect: .*CERTIFICATE_VERIFY_FAILED"):
+            await smarthost.send(envelope("ok@example.net"), b"x\r\n")
+    finally:
+        await smarthost.close()
+        controller.stop()
+    assert handler.encrypted == []
+
+
+class TlsWitness(Scripted):
+    def __init__(self) -> None:
+        super().__init__(pipelining=True)
+        self.encrypted: list[bool] = []
+
+    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+        # aiosmtpd sets session.ssl after STARTTLS only; the transport knows either way.
+        self.encrypted.append(server.transport.get_extra_info("ssl_object") is not None)
+        return await super().handle_DATA(server, session, envelope)

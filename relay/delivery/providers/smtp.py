@@ -93,17 +93,17 @@ class SmtpProvider:
                 connection = await self._connect()
             try:
                 results = await self._transaction(connection, envelope, content)
-            except PeerClosed:
+            except PeerClosed as exc:
                 connection.close()
                 if not reused:
-                    raise ProviderError(f"{self.name}: connection lost") from None
+                    raise ProviderError(f"{self.name}: {exc}") from None
                 # A cached connection the peer had already closed: one fresh try.
                 connection = await self._connect()
                 try:
                     results = await self._transaction(connection, envelope, content)
-                except PeerClosed:
+                except PeerClosed as exc:
                     connection.close()
-                    raise ProviderError(f"{self.name}: connection lost") from None
+                    raise ProviderError(f"{self.name}: {exc}") from None
             except BaseException:
                 connection.close()
                 raise

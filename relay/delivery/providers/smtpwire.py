@@ -317,7 +317,14 @@ class SmtpConnection:
                 raise SmtpError(f"not an SMTP reply: {shown!r}")
             lines.append(line[4:].strip().decode("utf-8", "replace"))
             if line[3:4] != b"-":
-                return Reply(int(line[:3]), "\n".join(lines))
+                break
+        reply = Reply(int(line[:3]), "\n".join(lines))
+        if reply.code == 421:
+            # The peer is closing the session (RFC 5321 3.8), whatever the command was: the
+            # message is not refused, the session is over.
+            self._broken = True
+            raise PeerClosed(f"the peer closed the session: {reply}")
+        return reply
 
 
 def _extensions(ehlo_text: str) -> dict[str, str]:
