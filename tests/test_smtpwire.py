@@ -439,3 +439,234 @@ class TlsWitness(Scripted):
         # aiosmtpd sets session.ssl after STARTTLS only; the transport knows either way.
         self.encrypted.append(server.transport.get_extra_info("ssl_object") is not None)
         return await super().handle_DATA(server, session, envelope)
+
+
+# Peers no honest MTA would be: each speaks a dialogue written out by the test, to show what
+# the client does when replies and commands fall out of step.
+
+Dialogue = Any  # async (reader, writer) -> None
+
+
+class RawPeer:
+    def __init__(self, *dialogues: Dialogue) -> None:
+        self.dialogues = list(dialogues)
+        self.heard: list[bytes] = []
+        self.sessions = 0
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._session, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        dialogue = self.dialogues[min(self.sessions, len(self.dialogues) - 1)]
+        self.sessions += 1
+        try:
+            await dialogue(self, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def expect(self, reader: asyncio.StreamReader, count: int = 1) -> None:
+        for _ in range(count):
+            self.heard.append(await reader.readuntil(b"\r\n"))
+
+    async def stop(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def _hello(peer: RawPeer, r: Any, w: Any, *extensions: bytes) -> None:
+    w.write(b"220 raw.test ESMTP\r\n")
+    await peer.expect(r)
+    w.write(b"250-raw.test\r\n" + b"".join(b"250-" + e + b"\r\n" for e in extensions))
+    w.write(b"250 HELP\r\n")
+
+
+async def _deliver_one(peer: RawPeer, r: Any, w: Any) -> None:
+    await peer.expect(r, 3)  # MAIL, RCPT, DATA
+    w.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    while (line := await r.readuntil(b"\r\n")) != b".\r\n":
+        peer.heard.append(line)
+    w.write(b"250 2.0.0 queued as R1\r\n")
+
+
+async def _run(peer: RawPeer, **settings: Any) -> tuple[SmtpProvider, int]:
+    port = await peer.start()
+    return provider(port, **settings), port
+
+
+async def test_plaintext_slipped_in_after_the_starttls_reply_stops_the_session() -> None:
+    async def dialogue(peer: RawPeer, r: Any, w: Any) -> None:
+        await _hello(peer, r, w, b"STARTTLS", b"PIPELINING")
+        await peer.expect(r)
+        # Someone on the path appends a reply, to be read as if it came from inside TLS.
+        w.write(b"220 go ahead\r\n250 injected\r\n")
+        await peer.expect(r)
+
+    peer = RawPeer(dialogue)
+    smarthost, _ = await _run(peer, tls="starttls")
+    try:
+        with pytest.raises(ProviderError, match="plaintext followed the STARTTLS reply"):
+            await smarthost.send(envelope("ok@example.net"), b"x\r\n")
+    finally:
+        await smarthost.close()
+        await peer.stop()
+    assert peer.heard[-1] == b"STARTTLS\r\n"
+
+
+async def test_a_success_to_data_is_never_taken_for_the_final_reply() -> None:
+    async def dialogue(peer: RawPeer, r: Any, w: Any) -> None:
+        await _hello(peer, r, w, b"PIPELINING")
+        await peer.expect(r, 3)
+        w.write(b"250 ok\r\n250 ok\r\n250 out of step\r\n")
+        await peer.expect(r)
+
+    peer = RawPeer(dialogue)
+    smarthost, _ = await _run(peer)
+    try:
+        with pytest.raises(ProviderError, match="DATA answered 250"):
+            await smarthost.send(envelope("ok@example.net"), b"x\r\n")
+        assert smarthost._idle == []
+    finally:
+        await smarthost.close()
+        await peer.stop()
+
+
+async def test_a_pooled_session_holding_unread_bytes_is_not_reused() -> None:
+    async def dialogue(peer: RawPeer, r: Any, w: Any) -> None:
+        await _hello(peer, r, w, b"PIPELINING")
+        await _deliver_one(peer, r, w)
+        # A stray reply while idle: read as the next MAIL's reply, it would put every reply
+        # after it one command late, and the DATA reply would pass for the final one.
+        w.write(b"250 2.0.0 stray\r\n")
+        await _deliver_one(peer, r, w)
+        await peer.expect(r)
+
+    peer = RawPeer(dialogue)
+    smarthost, _ = await _run(peer)
+    try:
+        for _ in range(2):
+            [result] = await smarthost.send(envelope("ok@example.net"), b"x\r\n")
+            assert result.detail == "2.0.0 queued as R1"
+            await asyncio.sleep(0.05)  # the stray reply arrives while the session is idle
+    finally:
+        await smarthost.close()
+        await peer.stop()
+    assert peer.sessions == 2
+
+
+async def test_a_refusal_followed_by_a_hang_up_is_still_a_verdict() -> None:
+    async def dialogue(peer: RawPeer, r: Any, w: Any) -> None:
+        await _hello(peer, r, w, b"PIPELINING")
+        await peer.expect(r, 3)
+        w.write(b"554 5.7.1 sender policy\r\n")  # and hangs up
+
+    peer = RawPeer(dialogue)
+    smarthost, _ = await _run(peer)
+    try:
+        results = await smarthost.send(envelope("a@example.net", "b@example.net"), b"x\r\n")
+    finally:
+        await smarthost.close()
+        await peer.stop()
+    assert [(r.outcome, r.detail) for r in results] == [
+        (Outcome.PERMANENT, "554 5.7.1 sender policy")
+    ] * 2
+    assert peer.sessions == 1, "a verdict is not retried"
+
+
+async def test_a_peer_that_stops_answering_times_out_and_is_not_pooled() -> None:
+    async def dialogue(peer: RawPeer, r: Any, w: Any) -> None:
+        await _hello(peer, r, w, b"PIPELINING")
+        await peer.expect(r, 3)
+        w.write(b"250 ok\r\n")  # then nothing
+        await asyncio.sleep(30)
+
+    peer = RawPeer(dialogue)
+    smarthost, _ = await _run(peer, timeout=timedelta(seconds=0.3))
+    try:
+        with pytest.raises(ProviderError, match="TimeoutError"):
+            await smarthost.send(envelope("ok@example.net"), b"x\r\n")
+        assert smarthost._idle == []
+    finally:
+        await smarthost.close()
+        await peer.stop()
+
+
+async def test_a_multi_line_reply_that_changes_its_code_is_refused() -> None:
+    async def dialogue(peer: RawPeer, r: Any, w: Any) -> None:
+        await _hello(peer, r, w, b"PIPELINING")
+        await peer.expect(r, 3)
+        w.write(b"250-ok\r\n550 not ok\r\n250 ok\r\n354 go\r\n")
+        await peer.expect(r)
+
+    peer = RawPeer(dialogue)
+    smarthost, _ = await _run(peer)
+    try:
+        with pytest.raises(ProviderError, match="changed its code"):
+            await smarthost.send(envelope("ok@example.net"), b"x\r\n")
+    finally:
+        await smarthost.close()
+        await peer.stop()
+
+
+@pytest.mark.parametrize(
+    ("reply", "kind", "transient"),
+    [
+        (b"535 5.7.8 bad credentials", "credentials", False),
+        (b"538 5.7.11 encryption required", "config", False),
+        (b"454 4.7.0 try later", "unavailable", True),
+    ],
+)
+async def test_only_a_535_blames_the_credentials(reply: bytes, kind: str, transient: bool) -> None:
+    async def dialogue(peer: RawPeer, r: Any, w: Any) -> None:
+        await _hello(peer, r, w, b"AUTH PLAIN LOGIN")
+        await peer.expect(r)
+        w.write(reply + b"\r\n")
+        await peer.expect(r)
+
+    peer = RawPeer(dialogue)
+    smarthost, _ = await _run(peer, username="relay-a", password=PASSWORD)
+    try:
+        with pytest.raises(ProviderError) as refused:
+            await smarthost.send(envelope("ok@example.net"), b"x\r\n")
+    finally:
+        await smarthost.close()
+        await peer.stop()
+    assert (refused.value.kind, refused.value.transient) == (kind, transient)
+    assert PASSWORD not in str(refused.value)
+
+
+async def test_credentials_never_cross_an_unencrypted_opportunistic_session() -> None:
+    async def dialogue(peer: RawPeer, r: Any, w: Any) -> None:
+        await _hello(peer, r, w, b"AUTH PLAIN LOGIN")  # no STARTTLS on offer
+        await peer.expect(r)
+
+    peer = RawPeer(dialogue)
+    smarthost, _ = await _run(peer, tls="opportunistic", username="relay-a", password=PASSWORD)
+    try:
+        with pytest.raises(ProviderError, match="not encrypted"):
+            await smarthost.send(envelope("ok@example.net"), b"x\r\n")
+    finally:
+        await smarthost.close()
+        await peer.stop()
+    assert not any(b"AUTH" in line for line in peer.heard)
+
+
+async def test_an_address_that_cannot_be_written_keeps_the_session() -> None:
+    async def dialogue(peer: RawPeer, r: Any, w: Any) -> None:
+        await _hello(peer, r, w, b"PIPELINING", b"SMTPUTF8")
+        await _deliver_one(peer, r, w)
+        await peer.expect(r)
+
+    peer = RawPeer(dialogue)
+    smarthost, _ = await _run(peer)
+    try:
+        with pytest.raises(ProviderError, match="not UTF-8"):
+            await smarthost.send(envelope("bad\udcff@example.net"), b"x\r\n")
+        [result] = await smarthost.send(envelope("ok@example.net"), b"x\r\n")
+        assert result.outcome is Outcome.DELIVERED
+    finally:
+        await smarthost.close()
+        await peer.stop()
+    assert peer.sessions == 1

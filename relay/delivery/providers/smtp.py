@@ -16,6 +16,7 @@ from relay.config import SmtpProviderSettings
 from relay.delivery.providers.base import Envelope, Outcome, ProviderError, RecipientResult
 from relay.delivery.providers.smtpwire import (
     AuthRefused,
+    NotSent,
     Peer,
     PeerClosed,
     Refused,
@@ -67,11 +68,7 @@ class SmtpProvider:
         try:
             return await SmtpConnection.open(await self._peer())
         except AuthRefused as exc:
-            raise ProviderError(
-                f"{self.name}: authentication rejected ({exc.reply.code})",
-                transient=False,
-                kind="credentials",
-            ) from None
+            raise _auth_error(self.name, exc.reply) from None
         except Refused as exc:
             raise ProviderError(f"{self.name}: {exc}") from None
         except (SmtpError, OSError, TimeoutError) as exc:
@@ -88,30 +85,34 @@ class SmtpProvider:
     async def send(self, envelope: Envelope, content: bytes) -> Sequence[RecipientResult]:
         async with self._slots:
             connection = self._pooled()
-            reused = connection is not None
-            if connection is None:
-                connection = await self._connect()
-            try:
-                results = await self._transaction(connection, envelope, content)
-            except PeerClosed as exc:
-                connection.close()
-                if not reused:
-                    raise ProviderError(f"{self.name}: {exc}") from None
-                # A cached connection the peer had already closed: one fresh try.
-                connection = await self._connect()
+            if connection is not None:
                 try:
-                    results = await self._transaction(connection, envelope, content)
-                except PeerClosed as exc:
-                    connection.close()
-                    raise ProviderError(f"{self.name}: {exc}") from None
-            except BaseException:
-                connection.close()
-                raise
-            if connection.usable:
-                self._idle.append(connection)
-            else:
-                await connection.quit()
-            return results
+                    return await self._send_on(connection, envelope, content)
+                except PeerClosed:
+                    pass  # a pooled session the peer had already closed: one fresh try
+            connection = await self._connect()
+            try:
+                return await self._send_on(connection, envelope, content)
+            except PeerClosed as exc:
+                raise ProviderError(f"{self.name}: {exc}") from None
+
+    async def _send_on(
+        self, connection: SmtpConnection, envelope: Envelope, content: bytes
+    ) -> list[RecipientResult]:
+        """One transaction; the session goes back to the pool only in a known state."""
+        try:
+            results = await self._transaction(connection, envelope, content)
+        except NotSent as exc:
+            self._idle.append(connection)  # nothing was written: the session is as it was
+            raise ProviderError(f"{self.name}: {exc}") from None
+        except BaseException:
+            connection.close()
+            raise
+        if connection.usable:
+            self._idle.append(connection)
+        else:
+            await connection.quit()
+        return results
 
     async def _transaction(
         self, connection: SmtpConnection, envelope: Envelope, content: bytes
@@ -125,7 +126,7 @@ class SmtpProvider:
             replies = await connection.transaction(
                 envelope.mail_from, envelope.rcpt_tos, content, options
             )
-        except PeerClosed:
+        except (PeerClosed, NotSent):
             raise
         except (SmtpError, OSError, TimeoutError) as exc:
             raise ProviderError(f"{self.name}: {_brief(exc)}") from None
@@ -149,6 +150,17 @@ class SmtpProvider:
         idle, self._idle = self._idle, []
         for connection in idle:
             await connection.quit()
+
+
+def _auth_error(name: str, reply: Reply) -> ProviderError:
+    # Only 535 says the credentials are wrong (RFC 4954 6); a person must renew them.
+    if reply.code == 535:
+        detail = f"{name}: authentication rejected ({reply.code})"
+        return ProviderError(detail, transient=False, kind="credentials")
+    # 534, 538 and the like: a mechanism or encryption the peer wants that we do not use.
+    if 500 <= reply.code < 600:
+        return ProviderError(f"{name}: AUTH refused: {reply}", transient=False, kind="config")
+    return ProviderError(f"{name}: AUTH failed for now: {reply}")
 
 
 def _result(address: str, reply: Reply) -> RecipientResult:

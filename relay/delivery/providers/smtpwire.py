@@ -61,6 +61,10 @@ class AuthRefused(Refused):
     pass
 
 
+class NotSent(SmtpError):
+    """This message cannot be written to this peer; nothing was sent, the session is intact."""
+
+
 @dataclass(frozen=True, slots=True)
 class Peer:
     """Where and how to connect. The password is never part of an error or a repr."""
@@ -112,7 +116,15 @@ class SmtpConnection:
     @property
     def usable(self) -> bool:
         """False once the session is in a state a next transaction must not inherit."""
-        return not (self._broken or self._reader.at_eof() or self._writer.is_closing())
+        return not (
+            self._broken or self._reader.at_eof() or self._writer.is_closing() or self._unread()
+        )
+
+    def _unread(self) -> bool:
+        # Bytes nobody asked for (a 421 written while the session was idle, or text a man in
+        # the middle put ahead of TLS) would be read as the next command's reply, and every
+        # reply after it would answer the command before. asyncio has no public way to ask.
+        return bool(self._reader._buffer)  # type: ignore[attr-defined]
 
     async def _set_up(self, peer: Peer) -> None:
         async with asyncio.timeout(peer.timeout):
@@ -128,6 +140,10 @@ class SmtpConnection:
                 reply = await self.command("STARTTLS")
                 if reply.code != 220:
                     raise Refused("STARTTLS", reply)
+                if self._unread():
+                    # RFC 3207 4.2: nothing may follow the 220 in plaintext. What did was
+                    # put there by someone else, to be taken as a reply from inside TLS.
+                    raise SmtpError("plaintext followed the STARTTLS reply")
                 context = peer.tls_context or ssl.create_default_context()
                 async with asyncio.timeout(peer.timeout):
                     await self._writer.start_tls(context, server_hostname=peer.host)
@@ -136,6 +152,10 @@ class SmtpConnection:
                 raise SmtpError("the peer does not offer STARTTLS, which is required")
 
         if peer.username is not None:
+            if peer.tls != "none" and self._writer.get_extra_info("ssl_object") is None:
+                # "opportunistic" met a peer without STARTTLS (or an attacker who removed
+                # it): the credentials are not sent in the clear. Only tls "none" does that.
+                raise SmtpError("the session is not encrypted; credentials are not sent")
             await self._authenticate(peer.username, peer.password or "")
 
     async def _hello(self, name: str) -> None:
@@ -172,8 +192,8 @@ class SmtpConnection:
 
     async def command(self, line: str, *, secret: bool = False) -> Reply:
         if not secret and _CONTROL.search(line):
-            raise SmtpError("a command may not hold control characters")
-        self._write(line.encode("utf-8") + b"\r\n")
+            raise NotSent("a command may not hold control characters")
+        self._write(_encoded(line) + b"\r\n")
         async with asyncio.timeout(self._timeout):
             return await self._reply()
 
@@ -194,16 +214,25 @@ class SmtpConnection:
         rcpts = [f"RCPT TO:<{address}>" for address in rcpt_tos]
         for line in (mail, *rcpts):
             if _CONTROL.search(line):
-                raise SmtpError("an envelope address holds a control character")
+                raise NotSent("an envelope address holds a control character")
+            _encoded(line)
+        if self._unread():
+            self._broken = True
+            raise PeerClosed("the peer wrote while the session was idle")
 
         data_reply: Reply | None
         if "PIPELINING" in self.extensions:
-            replies = await self._pipelined([mail, *rcpts, "DATA"])
+            replies = await self._pipelined(mail, rcpts)
             mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
         else:
             mail_reply, rcpt_replies, data_reply = await self._one_by_one(mail, rcpts)
 
         accepted = mail_reply.ok and any(reply.ok for reply in rcpt_replies)
+        if data_reply is not None and data_reply.code != 354 and data_reply.code < 400:
+            # Only a 354 opens the content; a success here means the replies and commands
+            # are out of step, and taking it as the final reply would call unsent mail sent.
+            self._broken = True
+            raise SmtpError(f"DATA answered {data_reply}, not 354")
         if data_reply is not None and data_reply.code == 354:
             if not accepted:
                 # A peer that opened DATA with nothing to deliver to (RFC 2920 3.1): end the
@@ -233,14 +262,32 @@ class SmtpConnection:
         needs_utf8 = not all(address.isascii() for address in (mail_from, *rcpt_tos))
         if needs_utf8 or "SMTPUTF8" in wanted:
             if "SMTPUTF8" not in self.extensions:
-                raise SmtpError("the message needs SMTPUTF8, which the peer does not offer")
+                raise NotSent("the message needs SMTPUTF8, which the peer does not offer")
             params.append("SMTPUTF8")
         return " ".join([f"MAIL FROM:<{mail_from}>", *params])
 
-    async def _pipelined(self, lines: list[str]) -> list[Reply]:
-        self._write("".join(f"{line}\r\n" for line in lines).encode("utf-8"))
-        async with asyncio.timeout(self._timeout):
-            return [await self._reply() for _ in lines]
+    async def _pipelined(self, mail: str, rcpts: list[str]) -> list[Reply]:
+        lines = [mail, *rcpts, "DATA"]
+        self._write(_encoded("".join(f"{line}\r\n" for line in lines)))
+        replies: list[Reply] = []
+        loop = asyncio.get_running_loop()
+        try:
+            # Each reply within the timeout of its own, as if each command were sent alone.
+            async with asyncio.timeout(None) as deadline:
+                for _ in lines:
+                    deadline.reschedule(loop.time() + self._timeout)
+                    replies.append(await self._reply())
+        except PeerClosed:
+            # A peer that refuses and hangs up (a policy 554 to MAIL, say) has still given
+            # its verdict: keep it, rather than retrying a refusal as a lost connection.
+            decided = bool(replies) and not replies[0].ok
+            all_refused = len(replies) > len(rcpts) and not any(r.ok for r in replies[1:])
+            if not (decided or all_refused):
+                raise
+            mail_reply = replies[0]
+            refusals = replies[1:] if all_refused else [mail_reply] * len(rcpts)
+            return [mail_reply, *refusals[: len(rcpts)], Reply(554, "no DATA reply")]
+        return replies
 
     async def _one_by_one(
         self, mail: str, rcpts: list[str]
@@ -255,16 +302,20 @@ class SmtpConnection:
 
     async def _send_content(self, block: bytes) -> Reply:
         self._write(block)
-        try:
-            await self._writer.drain()
-        except ConnectionError as exc:
-            raise PeerClosed(f"connection lost: {exc.__class__.__name__}") from exc
         async with asyncio.timeout(self._timeout):
+            try:
+                # A peer that stops reading holds the write here, within the timeout.
+                await self._writer.drain()
+            except ConnectionError as exc:
+                self._broken = True
+                raise PeerClosed(f"connection lost: {exc.__class__.__name__}") from None
             return await self._reply()
 
     async def _reset(self) -> None:
         # A session whose RSET fails is not reused: the next message must not inherit a
         # half-open transaction.
+        if self._broken:
+            return
         try:
             reply = await self.command("RSET")
         except (SmtpError, OSError, TimeoutError):
@@ -299,6 +350,7 @@ class SmtpConnection:
 
     async def _reply(self) -> Reply:
         lines: list[str] = []
+        code = b""
         while True:
             try:
                 line = await self._reader.readuntil(b"\n")
@@ -315,10 +367,14 @@ class SmtpConnection:
                 self._broken = True
                 shown = line[:80].decode("ascii", "replace").rstrip()
                 raise SmtpError(f"not an SMTP reply: {shown!r}")
+            if lines and line[:3] != code:
+                self._broken = True
+                raise SmtpError("a multi-line reply changed its code")
+            code = line[:3]
             lines.append(line[4:].strip().decode("utf-8", "replace"))
             if line[3:4] != b"-":
                 break
-        reply = Reply(int(line[:3]), "\n".join(lines))
+        reply = Reply(int(code), "\n".join(lines))
         if reply.code == 421:
             # The peer is closing the session (RFC 5321 3.8), whatever the command was: the
             # message is not refused, the session is over.
@@ -356,6 +412,14 @@ def _data_block(content: bytes) -> bytes:
     if content and not content.endswith(b"\r\n"):
         content += b"\r\n"
     return content + b".\r\n"
+
+
+def _encoded(line: str) -> bytes:
+    try:
+        return line.encode("utf-8")
+    except UnicodeEncodeError:
+        # Undecodable bytes that came in, kept as surrogates: no peer could read them.
+        raise NotSent("an address holds bytes that are not UTF-8") from None
 
 
 def _b64(text: str) -> str:
