@@ -781,6 +781,9 @@ def parse_settings(text: str | None, source: str) -> Settings:
         raise ConfigError(_describe(exc, source)) from None
 
 
+_PROVIDER_TYPES = {"outbox", "smtp", "gmail", "mailgun"}
+
+
 def _describe(exc: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for error in exc.errors(include_url=False, include_input=False):
@@ -788,7 +791,11 @@ def _describe(exc: ValidationError, source: str) -> str:
             # A rule across sections: its message names the keys.
             lines.append(f"  {error['msg'].removeprefix('Value error, ')}")
             continue
-        key = ".".join(str(part) for part in error["loc"])
-        env = ENV_PREFIX + "__".join(str(p) for p in error["loc"]).upper()
+        loc = list(error["loc"])
+        if len(loc) > 2 and loc[0] == "providers" and loc[2] in _PROVIDER_TYPES:
+            # pydantic names the union member it tried ("smtp"); no key or variable does.
+            del loc[2]
+        key = ".".join(str(part) for part in loc)
+        env = ENV_PREFIX + "__".join(str(p) for p in loc).upper()
         lines.append(f"  {key}: {error['msg']} (or environment {env})")
     return "\n".join(lines)

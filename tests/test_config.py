@@ -37,7 +37,7 @@ def test_runbook_style_durations_are_understood(tmp_path: Path) -> None:
         ("smtp:\n  prot: 25\n", "smtp.prot"),
         ("queue:\n  backend: postgres\n", "queue.backend"),
         ("delivery:\n  providers: [nowhere]\n", "nowhere"),
-        ("providers:\n  relay1:\n    type: smtp\n", "providers.relay1.smtp.host"),
+        ("providers:\n  relay1:\n    type: smtp\n", "providers.relay1.host:"),
     ],
 )
 def test_bad_keys_are_named(tmp_path: Path, yaml_text: str, named: str) -> None:
@@ -123,3 +123,15 @@ def test_the_readme_documents_every_setting() -> None:
             if f"`providers.<name>.{key}`" not in readme
         ]
     assert not missing, f"README.md configuration table lacks {missing}"
+
+
+def test_a_provider_key_is_named_as_it_is_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    # pydantic's own path holds the provider type too ("providers.smarthost.smtp.port"),
+    # which no file key or variable has: setting that variable would fail on its own.
+    monkeypatch.setenv("RELAY_PROVIDERS__SMARTHOST__TYPE", "smtp")
+    monkeypatch.setenv("RELAY_PROVIDERS__SMARTHOST__HOST", "127.0.0.1")
+    monkeypatch.setenv("RELAY_PROVIDERS__SMARTHOST__PORT", "not-a-port")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "providers.smarthost.port:" in str(caught.value)
+    assert "(or environment RELAY_PROVIDERS__SMARTHOST__PORT)" in str(caught.value)

@@ -18,7 +18,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from relay.config import SmtpProviderSettings
 from relay.delivery.providers.base import Envelope, Outcome, ProviderError
-from relay.delivery.providers.smtp import SmtpProvider
+from relay.delivery.providers.smtp import SmtpProvider, _queue_id_from
 from relay.delivery.providers.smtpwire import _data_block, _extensions
 from tests.servers import SmtpSink, free_port
 
@@ -159,6 +159,8 @@ async def test_a_pipelining_peer_gets_the_envelope_in_one_write(
     finally:
         await smarthost.close()
 
+    # smtp-sink's "250 2.0.0 Ok" names no queue id; its last word is not one.
+    assert result.provider_message_id is None
     envelope_write = recorder.written_with(b"MAIL FROM:<clinic@example.org>")
     assert envelope_write.startswith(b"MAIL FROM:")
     assert envelope_write.endswith(b"RCPT TO:<a@example.net>\r\nDATA\r\n")
@@ -336,18 +338,23 @@ async def test_smtputf8_is_asked_for_when_needed_and_never_dropped(offered: bool
     by_sender = Envelope("Q3", "a@example.org", ("b@example.net",), ("SMTPUTF8",))
     try:
         for needs_utf8 in (by_address, by_sender):
+            [result] = await smarthost.send(needs_utf8, b"x\r\n")
             if offered:
-                [result] = await smarthost.send(needs_utf8, b"x\r\n")
                 assert result.outcome is Outcome.DELIVERED
             else:
-                # Sent without it, the peer could mangle or refuse what it cannot read.
-                with pytest.raises(ProviderError, match="SMTPUTF8"):
-                    await smarthost.send(needs_utf8, b"x\r\n")
+                # Sent without it, the peer could mangle or refuse what it cannot read. The
+                # recipient waits for a provider that can; the smarthost is not at fault.
+                assert result.outcome is Outcome.TRANSIENT
+                assert "SMTPUTF8" in result.detail
+        # Mail that does not need it goes on over the same session.
+        [result] = await smarthost.send(envelope("ok@example.net"), b"y\r\n")
+        assert result.outcome is Outcome.DELIVERED
+        assert len(smarthost._idle) == 1
     finally:
         await smarthost.close()
         controller.stop()
     expected = [["jürgen@example.de"], ["b@example.net"]] if offered else []
-    assert [rcpts for _, rcpts, _ in handler.received] == expected
+    assert [rcpts for _, rcpts, _ in handler.received] == [*expected, ["ok@example.net"]]
 
 
 def test_data_block_frames_content_as_data_carries_it() -> None:
@@ -662,11 +669,49 @@ async def test_an_address_that_cannot_be_written_keeps_the_session() -> None:
     peer = RawPeer(dialogue)
     smarthost, _ = await _run(peer)
     try:
-        with pytest.raises(ProviderError, match="not UTF-8"):
-            await smarthost.send(envelope("bad\udcff@example.net"), b"x\r\n")
+        [refused] = await smarthost.send(envelope("bad\udcff@example.net"), b"x\r\n")
+        assert refused.outcome is Outcome.PERMANENT and "not UTF-8" in refused.detail
         [result] = await smarthost.send(envelope("ok@example.net"), b"x\r\n")
         assert result.outcome is Outcome.DELIVERED
     finally:
         await smarthost.close()
         await peer.stop()
     assert peer.sessions == 1
+
+
+async def test_a_session_lost_after_the_content_is_not_sent_again_at_once() -> None:
+    async def dialogue(peer: RawPeer, r: Any, w: Any) -> None:
+        await _hello(peer, r, w, b"PIPELINING")
+        await _deliver_one(peer, r, w)
+        await peer.expect(r, 3)
+        w.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        while await r.readuntil(b"\r\n") != b".\r\n":
+            pass
+        peer.heard.append(b"whole second message")  # and hangs up before the final reply
+
+    peer = RawPeer(dialogue)
+    smarthost, _ = await _run(peer)
+    try:
+        await smarthost.send(envelope("ok@example.net"), b"1\r\n")
+        # The peer may have taken it: resent now, on a fresh session, it could arrive twice
+        # with no trace of the first try. It goes back to the queue instead, on record.
+        with pytest.raises(ProviderError, match="after the content"):
+            await smarthost.send(envelope("ok@example.net"), b"2\r\n")
+    finally:
+        await smarthost.close()
+        await peer.stop()
+    assert peer.sessions == 1
+
+
+@pytest.mark.parametrize(
+    ("reply", "queue_id"),
+    [
+        ("2.0.0 Ok: queued as 4XyZ1", "4XyZ1"),
+        ("OK id=1tAbCd-000123-4x", "1tAbCd-000123-4x"),
+        ("2.0.0 OK  1733369234 ab12-20020a17.3 - gsmtp", "ab12-20020a17.3"),
+        ("2.0.0 Ok", None),
+        ("Message accepted", None),
+    ],
+)
+def test_a_queue_id_is_read_only_from_forms_that_name_one(reply: str, queue_id: str | None) -> None:
+    assert _queue_id_from(reply) == queue_id

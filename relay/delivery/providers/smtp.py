@@ -8,6 +8,7 @@ pooled and reused for later messages, as Postfix's connection cache does.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from relay.config import SmtpProviderSettings
 from relay.delivery.providers.base import Envelope, Outcome, ProviderError, RecipientResult
 from relay.delivery.providers.smtpwire import (
     AuthRefused,
+    Misconfigured,
     NotSent,
     Peer,
     PeerClosed,
@@ -66,9 +68,17 @@ class SmtpProvider:
 
     async def _connect(self) -> SmtpConnection:
         try:
-            return await SmtpConnection.open(await self._peer())
+            peer = await self._peer()
+        except OSError as exc:
+            # A missing or unreadable password_file: the file's fault, not the peer's.
+            detail = f"{self.name}: cannot read password_file: {exc.strerror or _brief(exc)}"
+            raise ProviderError(detail, transient=False, kind="config") from None
+        try:
+            return await SmtpConnection.open(peer)
         except AuthRefused as exc:
             raise _auth_error(self.name, exc.reply) from None
+        except Misconfigured as exc:
+            raise ProviderError(f"{self.name}: {exc}", transient=False, kind="config") from None
         except Refused as exc:
             raise ProviderError(f"{self.name}: {exc}") from None
         except (SmtpError, OSError, TimeoutError) as exc:
@@ -88,13 +98,18 @@ class SmtpProvider:
             if connection is not None:
                 try:
                     return await self._send_on(connection, envelope, content)
-                except PeerClosed:
-                    pass  # a pooled session the peer had already closed: one fresh try
+                except PeerClosed as exc:
+                    if exc.after_content:
+                        # The peer may have the message: it goes back to the queue, with
+                        # this attempt on record, rather than out again at once.
+                        raise ProviderError(f"{self.name}: {exc} after the content") from None
+                    # A pooled session the peer had already closed: one fresh try.
             connection = await self._connect()
             try:
                 return await self._send_on(connection, envelope, content)
             except PeerClosed as exc:
-                raise ProviderError(f"{self.name}: {exc}") from None
+                detail = f"{self.name}: {exc}" + (" after the content" if exc.after_content else "")
+            raise ProviderError(detail) from None
 
     async def _send_on(
         self, connection: SmtpConnection, envelope: Envelope, content: bytes
@@ -103,8 +118,15 @@ class SmtpProvider:
         try:
             results = await self._transaction(connection, envelope, content)
         except NotSent as exc:
-            self._idle.append(connection)  # nothing was written: the session is as it was
-            raise ProviderError(f"{self.name}: {exc}") from None
+            # Nothing was written: the session is as it was, and the provider is not at
+            # fault. The recipients are deferred (another provider may carry the message)
+            # or failed when no SMTP peer could.
+            self._idle.append(connection)
+            outcome = Outcome.PERMANENT if exc.permanent else Outcome.TRANSIENT
+            return [
+                RecipientResult(address, outcome, f"not sent to {self.name}: {exc}")
+                for address in envelope.rcpt_tos
+            ]
         except BaseException:
             connection.close()
             raise
@@ -174,6 +196,20 @@ def _brief(exc: BaseException) -> str:
 
 
 def _queue_id_from(reply: str) -> str | None:
-    # "250 2.0.0 Ok: queued as 4Xyz" (Postfix) and most MTAs end with the peer's queue id.
-    words = reply.split()
-    return words[-1][:255] if words else None
+    """The peer's id for the message, from the forms MTAs use; None when none is known.
+
+    Postfix and this relay: "2.0.0 Ok: queued as 4Xyz". Exim: "OK id=1abc-00". Google:
+    "2.0.0 OK  1733369234 ab12-xyz.3 - gsmtp". Anything else (smtp-sink's "2.0.0 Ok")
+    names no id, and its last word would be a guess.
+    """
+    for pattern in _QUEUE_ID_FORMS:
+        if found := pattern.search(reply):
+            return found[1][:255]
+    return None
+
+
+_QUEUE_ID_FORMS = (
+    re.compile(r"queued as (\S+)", re.IGNORECASE),
+    re.compile(r"\bid=(\S+)", re.IGNORECASE),
+    re.compile(r"\s(\S+) - gsmtp\s*$"),
+)

@@ -46,7 +46,18 @@ class SmtpError(Exception):
 
 
 class PeerClosed(SmtpError):
-    """The connection was closed or reset under us."""
+    """The connection was closed or reset under us.
+
+    `after_content`: the whole message had been written when the session ended, so the
+    peer may have taken it; sending it again at once could deliver it twice.
+    """
+
+    after_content = False
+
+
+class Misconfigured(SmtpError):
+    """The peer and the settings do not fit (no STARTTLS where it is required, AUTH that
+    would go in the clear): a person must change one of them."""
 
 
 class Refused(SmtpError):
@@ -62,7 +73,15 @@ class AuthRefused(Refused):
 
 
 class NotSent(SmtpError):
-    """This message cannot be written to this peer; nothing was sent, the session is intact."""
+    """This message cannot be written to this peer; nothing was sent, the session is intact.
+
+    `permanent`: no peer could take it (an address no SMTP command can hold), rather than
+    this one lacking an extension that another provider may have.
+    """
+
+    def __init__(self, detail: str, *, permanent: bool = False) -> None:
+        super().__init__(detail)
+        self.permanent = permanent
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,13 +168,13 @@ class SmtpConnection:
                     await self._writer.start_tls(context, server_hostname=peer.host)
                 await self._hello(peer.local_hostname)
             elif peer.tls == "starttls":
-                raise SmtpError("the peer does not offer STARTTLS, which is required")
+                raise Misconfigured("the peer does not offer STARTTLS, which is required")
 
         if peer.username is not None:
             if peer.tls != "none" and self._writer.get_extra_info("ssl_object") is None:
                 # "opportunistic" met a peer without STARTTLS (or an attacker who removed
                 # it): the credentials are not sent in the clear. Only tls "none" does that.
-                raise SmtpError("the session is not encrypted; credentials are not sent")
+                raise Misconfigured("the session is not encrypted; credentials are not sent")
             await self._authenticate(peer.username, peer.password or "")
 
     async def _hello(self, name: str) -> None:
@@ -192,7 +211,7 @@ class SmtpConnection:
 
     async def command(self, line: str, *, secret: bool = False) -> Reply:
         if not secret and _CONTROL.search(line):
-            raise NotSent("a command may not hold control characters")
+            raise NotSent("a command may not hold control characters", permanent=True)
         self._write(_encoded(line) + b"\r\n")
         async with asyncio.timeout(self._timeout):
             return await self._reply()
@@ -214,7 +233,7 @@ class SmtpConnection:
         rcpts = [f"RCPT TO:<{address}>" for address in rcpt_tos]
         for line in (mail, *rcpts):
             if _CONTROL.search(line):
-                raise NotSent("an envelope address holds a control character")
+                raise NotSent("an envelope address holds a control character", permanent=True)
             _encoded(line)
         if self._unread():
             self._broken = True
@@ -240,7 +259,11 @@ class SmtpConnection:
                 final = await self._send_content(b".\r\n")
                 await self._reset()
                 return _verdicts(mail_reply, rcpt_replies, final)
-            final = await self._send_content(data)
+            try:
+                final = await self._send_content(data)
+            except PeerClosed as exc:
+                exc.after_content = True
+                raise
             return _verdicts(mail_reply, rcpt_replies, final)
 
         await self._reset()
@@ -419,7 +442,7 @@ def _encoded(line: str) -> bytes:
         return line.encode("utf-8")
     except UnicodeEncodeError:
         # Undecodable bytes that came in, kept as surrogates: no peer could read them.
-        raise NotSent("an address holds bytes that are not UTF-8") from None
+        raise NotSent("an address holds bytes that are not UTF-8", permanent=True) from None
 
 
 def _b64(text: str) -> str:
