@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import getpass
 import json
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from datetime import datetime
@@ -18,7 +19,7 @@ from typing import Any
 
 from relay import __version__
 from relay.clock import utcnow
-from relay.config import ConfigError, Settings, load_config
+from relay.config import CONFIG_PATH_ENV, ConfigError, Settings, load_config, unreadable_files
 from relay.logs import configure
 from relay.queue import SqlStore, StoreUnavailable, create_store
 
@@ -135,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     configure(settings.log.level, settings.log.format)
 
+    if args.command in ("config", "serve") and (missing := unreadable_files(settings)):
+        source = args.config or os.environ.get(CONFIG_PATH_ENV) or "environment and defaults"
+        lines = "\n".join(f"  {line}" for line in missing)
+        print(f"smtp-relay: invalid configuration ({source}):\n{lines}", file=sys.stderr)
+        return EXIT_CONFIG
     if args.command == "config":
         print("configuration ok")
         return 0

@@ -743,6 +743,38 @@ class ConfigError(Exception):
     """Start-up must stop: the message names the key and the reason."""
 
 
+def unreadable_files(settings: BaseModel) -> list[str]:
+    """Every `*_file` setting that names no readable file, as "key: reason" lines.
+
+    Checked when the relay starts and by `config check`, so that a missing secret file stops
+    the start naming its key, rather than failing each delivery as if the provider were
+    down. The files are read again when used: a rotated secret is picked up.
+    """
+    problems = []
+    for key, path in _file_settings(settings, ""):
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            problems.append(f"{key}: cannot read {path}: {exc.strerror or exc}")
+    return problems
+
+
+def _file_settings(model: BaseModel, prefix: str) -> list[tuple[str, Path]]:
+    found = []
+    for name, value in model:
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            found += _file_settings(value, f"{key}.")
+        elif isinstance(value, dict):
+            for entry, item in value.items():
+                if isinstance(item, BaseModel):
+                    found += _file_settings(item, f"{key}.{entry}.")
+        elif name.endswith("_file") and isinstance(value, Path):
+            found.append((key, value))
+    return found
+
+
 def load_settings(path: Path | str | None = None) -> Settings:
     """Read the YAML file (if any) and the environment, or raise ConfigError."""
     return load_config(path)[0]

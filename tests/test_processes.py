@@ -191,6 +191,33 @@ def test_db_migrate_and_queue_status(tmp_path: Path) -> None:
     assert report["counts"]["queued"] == 0 and report["oldest_queued_age_seconds"] is None
 
 
+def test_a_missing_secret_file_stops_startup_naming_the_key(tmp_path: Path) -> None:
+    gone = tmp_path / "secrets" / "smarthost-password"
+    config = write_config(
+        tmp_path / "relay.yaml",
+        {
+            "providers": {
+                "smarthost": {
+                    "type": "smtp",
+                    "host": "127.0.0.1",
+                    "username": "relay",
+                    "password_file": str(gone),
+                }
+            },
+            "delivery": {"providers": ["smarthost"]},
+        },
+    )
+    for command in (["config", "check"], ["serve"]):
+        result = run_cli("--config", str(config), *command)
+        assert result.returncode == 2, result.stdout
+        assert f"providers.smarthost.password_file: cannot read {gone}" in result.stderr
+
+    # Once the file is there (a Secret mounted, say), the same configuration starts.
+    gone.parent.mkdir()
+    gone.write_text("s3cret\n")
+    assert run_cli("--config", str(config), "config", "check").returncode == 0
+
+
 def test_a_bad_config_file_stops_startup_naming_the_key(tmp_path: Path) -> None:
     config = write_config(tmp_path / "bad.yaml", {"delivery": {"worker_count": 0}})
     result = run_cli("--config", str(config), "serve")
