@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import shutil
 import smtplib
 import socket
@@ -120,7 +121,10 @@ async def test_auth_is_not_offered_before_starttls(
 
 
 async def test_starttls_then_auth_plain_relays_for_the_workspace(
-    start_relay: StartRelay, tls_files: dict[str, str], client_tls: ssl.SSLContext
+    start_relay: StartRelay,
+    tls_files: dict[str, str],
+    client_tls: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     service = await start_relay(
         smtp=smtp_section(tls=tls_files, **UNTRUSTED), workspaces=WORKSPACES
@@ -144,6 +148,7 @@ async def test_starttls_then_auth_plain_relays_for_the_workspace(
         return replies
 
     within, outside, null, data = await converse(service.smtp_port, send)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], "a login warns"
     assert within[0] == 250
     assert outside[0] == 553 and b"5.7.1" in outside[1]
     assert null[0] == 553

@@ -41,6 +41,15 @@ from relay.queue.sql import SqlStore
 
 log = logging.getLogger("relay.ingest")
 
+
+def _not_login_data_noise(record: logging.LogRecord) -> bool:
+    # aiosmtpd 1.4 sets its deprecated Session.login_data itself after every successful
+    # AUTH, and warns about its own use each time: a WARNING per login, nobody's to act on.
+    return "login_data is deprecated" not in record.getMessage()
+
+
+logging.getLogger("mail.log").addFilter(_not_login_data_noise)
+
 AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
 AUTH_REQUIRED = "530 5.7.0 Authentication required"
 
