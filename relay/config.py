@@ -743,15 +743,17 @@ class ConfigError(Exception):
     """Start-up must stop: the message names the key and the reason."""
 
 
-def unreadable_files(settings: BaseModel) -> list[str]:
-    """Every `*_file` setting that names no readable file, as "key: reason" lines.
+def unreadable_files(settings: Settings) -> list[str]:
+    """Every `*_file` setting in use that names no readable file, as "key: reason" lines.
 
     Checked when the relay starts and by `config check`, so that a missing secret file stops
     the start naming its key, rather than failing each delivery as if the provider were
-    down. The files are read again when used: a rotated secret is picked up.
+    down. Settings not in use are left alone: the MySQL password with the sqlite queue, and
+    providers on a replica that does not deliver or that no route names (an ingest-only
+    replica need not mount the providers' secrets).
     """
     problems = []
-    for key, path in _file_settings(settings, ""):
+    for key, path in _file_settings(settings, "", _unused(settings)):
         try:
             with path.open("rb"):
                 pass
@@ -760,16 +762,34 @@ def unreadable_files(settings: BaseModel) -> list[str]:
     return problems
 
 
-def _file_settings(model: BaseModel, prefix: str) -> list[tuple[str, Path]]:
+def _unused(settings: Settings) -> set[str]:
+    unused = set()
+    if settings.queue.backend != "mysql":
+        unused.add("queue.mysql.")
+    routed = set(settings.delivery.providers)
+    for workspace in settings.workspaces.values():
+        routed.update(workspace.providers or ())
+    for name, provider in settings.providers.items():
+        if not settings.delivery.enabled or name not in routed:
+            unused.add(f"providers.{name}.")
+        elif getattr(provider, "tls", None) == "none":
+            unused.add(f"providers.{name}.ca_file")
+    return unused
+
+
+def _file_settings(model: BaseModel, prefix: str, unused: set[str]) -> list[tuple[str, Path]]:
     found = []
     for name, value in model:
         key = f"{prefix}{name}"
+        if any(key.startswith(skipped) or key == skipped for skipped in unused):
+            continue
         if isinstance(value, BaseModel):
-            found += _file_settings(value, f"{key}.")
-        elif isinstance(value, dict):
-            for entry, item in value.items():
+            found += _file_settings(value, f"{key}.", unused)
+        elif isinstance(value, dict | list):
+            entries = value.items() if isinstance(value, dict) else enumerate(value)
+            for entry, item in entries:
                 if isinstance(item, BaseModel):
-                    found += _file_settings(item, f"{key}.{entry}.")
+                    found += _file_settings(item, f"{key}.{entry}.", unused)
         elif name.endswith("_file") and isinstance(value, Path):
             found.append((key, value))
     return found

@@ -218,6 +218,29 @@ def test_a_missing_secret_file_stops_startup_naming_the_key(tmp_path: Path) -> N
     assert run_cli("--config", str(config), "config", "check").returncode == 0
 
 
+def test_only_secret_files_in_use_are_required(tmp_path: Path) -> None:
+    nowhere = str(tmp_path / "not-mounted")
+    unused = {
+        # A provider no route names, and the MySQL password with the sqlite queue.
+        "providers": {
+            "outbox": {"type": "outbox", "directory": str(tmp_path / "outbox")},
+            "spare": {"type": "mailgun", "domain": "mg.example.org", "api_key_file": nowhere},
+        },
+        "delivery": {"providers": ["outbox"]},
+        "queue": {"backend": "sqlite", "mysql": {"password_file": nowhere}},
+    }
+    config = write_config(tmp_path / "unused.yaml", unused)
+    result = run_cli("--config", str(config), "config", "check")
+    assert result.returncode == 0, result.stderr
+
+    # An admin token's file is in use whenever the admin API is (a list entry).
+    tokens = {"http": {"admin_tokens": [{"name": "oncall", "token_file": nowhere}]}}
+    config = write_config(tmp_path / "tokens.yaml", tokens)
+    result = run_cli("--config", str(config), "config", "check")
+    assert result.returncode == 2
+    assert "http.admin_tokens.0.token_file: cannot read" in result.stderr
+
+
 def test_a_bad_config_file_stops_startup_naming_the_key(tmp_path: Path) -> None:
     config = write_config(tmp_path / "bad.yaml", {"delivery": {"worker_count": 0}})
     result = run_cli("--config", str(config), "serve")

@@ -20,7 +20,9 @@ from relay.config import SmtpProviderSettings
 from relay.delivery.providers.base import Envelope, Outcome, ProviderError
 from relay.delivery.providers.smtp import SmtpProvider, _queue_id_from
 from relay.delivery.providers.smtpwire import _data_block, _extensions
+from tests.conftest import StartRelay
 from tests.servers import SmtpSink, free_port
+from tests.test_delivery import submit, wait_for_status
 
 PASSWORD = "smarthost-secret-Pw-71"
 
@@ -660,23 +662,36 @@ async def test_credentials_never_cross_an_unencrypted_opportunistic_session() ->
     assert not any(b"AUTH" in line for line in peer.heard)
 
 
-async def test_an_address_that_cannot_be_written_keeps_the_session() -> None:
+async def test_an_address_that_cannot_be_written_fails_alone() -> None:
     async def dialogue(peer: RawPeer, r: Any, w: Any) -> None:
         await _hello(peer, r, w, b"PIPELINING", b"SMTPUTF8")
-        await _deliver_one(peer, r, w)
+        for _ in range(2):
+            await _deliver_one(peer, r, w)
         await peer.expect(r)
 
     peer = RawPeer(dialogue)
     smarthost, _ = await _run(peer)
     try:
-        [refused] = await smarthost.send(envelope("bad\udcff@example.net"), b"x\r\n")
-        assert refused.outcome is Outcome.PERMANENT and "not UTF-8" in refused.detail
-        [result] = await smarthost.send(envelope("ok@example.net"), b"x\r\n")
+        # Undecodable bytes, kept as surrogates: no SMTP command can hold them.
+        bad, good = "bad\udcff@example.net", "ok@example.net"
+        results = await smarthost.send(envelope(bad, good), b"x\r\n")
+        assert [(r.outcome, r.detail[:9]) for r in results] == [
+            (Outcome.PERMANENT, "553 5.1.3"),
+            (Outcome.DELIVERED, "2.0.0 que"),
+        ]
+        # A sender like that is no verdict on the recipients (it would count as their hard
+        # bounce): they wait, and nothing is written.
+        unsendable = Envelope("Q5", bad, (good,))
+        [waiting] = await smarthost.send(unsendable, b"x\r\n")
+        assert waiting.outcome is Outcome.TRANSIENT
+        [result] = await smarthost.send(envelope(good), b"x\r\n")
         assert result.outcome is Outcome.DELIVERED
     finally:
         await smarthost.close()
         await peer.stop()
     assert peer.sessions == 1
+    rcpts = [line for line in peer.heard if line.startswith(b"RCPT")]
+    assert rcpts == [b"RCPT TO:<ok@example.net>\r\n"] * 2
 
 
 async def test_a_session_lost_after_the_content_is_not_sent_again_at_once() -> None:
@@ -695,8 +710,9 @@ async def test_a_session_lost_after_the_content_is_not_sent_again_at_once() -> N
         await smarthost.send(envelope("ok@example.net"), b"1\r\n")
         # The peer may have taken it: resent now, on a fresh session, it could arrive twice
         # with no trace of the first try. It goes back to the queue instead, on record.
-        with pytest.raises(ProviderError, match="after the content"):
+        with pytest.raises(ProviderError, match="after the content") as lost:
             await smarthost.send(envelope("ok@example.net"), b"2\r\n")
+        assert lost.value.maybe_delivered
     finally:
         await smarthost.close()
         await peer.stop()
@@ -715,3 +731,43 @@ async def test_a_session_lost_after_the_content_is_not_sent_again_at_once() -> N
 )
 def test_a_queue_id_is_read_only_from_forms_that_name_one(reply: str, queue_id: str | None) -> None:
     assert _queue_id_from(reply) == queue_id
+
+
+async def test_after_a_loss_past_the_content_no_other_provider_sends_it_at_once(
+    start_relay: StartRelay, smtp_sink: SmtpSink
+) -> None:
+    """The first smarthost takes the whole message and hangs up: it may have it. The second
+    provider in the order must not send a copy in the same attempt."""
+
+    async def dialogue(peer: RawPeer, r: Any, w: Any) -> None:
+        await _hello(peer, r, w, b"PIPELINING")
+        await peer.expect(r, 3)
+        w.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        while await r.readuntil(b"\r\n") != b".\r\n":
+            pass
+
+    peer = RawPeer(dialogue)
+    first = await peer.start()
+    try:
+        service = await start_relay(
+            providers={
+                "first": {"type": "smtp", "host": "127.0.0.1", "port": first, "tls": "none"},
+                "second": {
+                    "type": "smtp",
+                    "host": "127.0.0.1",
+                    "port": smtp_sink.port,
+                    "tls": "none",
+                },
+            },
+            delivery={"providers": ["first", "second"], "min_backoff": "1h", "max_backoff": "2h"},
+        )
+        queue_id = await submit(service.smtp_port, "a@example.org", ["b@example.net"], b"x\r\n")
+        found = await wait_for_status(service, queue_id, {"queued", "sent", "failed"})
+        while found["retry_count"] == 0 and found["status"] == "queued":
+            await asyncio.sleep(0.05)
+            found = await wait_for_status(service, queue_id, {"queued", "sent", "failed"})
+    finally:
+        await peer.stop()
+    assert found["status"] == "queued" and "after the content" in found["error"]
+    assert peer.sessions == 1
+    assert smtp_sink.messages() == []

@@ -207,6 +207,8 @@ class Router:
                 metrics.errors_total.labels("provider").inc()
                 metrics.provider_health.labels(name).set(int(route.breaker.state == CLOSED))
                 errors.append(exc.detail)
+                if exc.maybe_delivered:
+                    break
                 continue
             if route.breaker.state != CLOSED:
                 event(log, "provider.circuit_closed", provider=name)

@@ -52,6 +52,10 @@ class ProviderError(Exception):
     off for `retry_after` seconds), "quota" (a daily allowance is spent; `retry_after` runs
     to its reset), "policy" (the provider's own rules forbid this sender or account),
     "config" (endpoint, domain or region wrong). `retry_after` is in seconds, when known.
+
+    `maybe_delivered`: the failure came after the whole message reached the provider, which
+    may have taken it. Routing then tries no other provider in this attempt: the message
+    goes back to the queue, so that a copy is sent, if ever, after a backoff and on record.
     """
 
     def __init__(
@@ -61,12 +65,14 @@ class ProviderError(Exception):
         transient: bool = True,
         kind: str = "unavailable",
         retry_after: float | None = None,
+        maybe_delivered: bool = False,
     ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.transient = transient
         self.kind = kind
         self.retry_after = retry_after
+        self.maybe_delivered = maybe_delivered
 
 
 class Provider(Protocol):

@@ -69,6 +69,9 @@ class SmtpProvider:
     async def _connect(self) -> SmtpConnection:
         try:
             peer = await self._peer()
+        except UnicodeError:
+            detail = f"{self.name}: the password_file does not hold UTF-8 text"
+            raise ProviderError(detail, transient=False, kind="config") from None
         except OSError as exc:
             # A missing or unreadable password_file: the file's fault, not the peer's.
             detail = f"{self.name}: cannot read password_file: {exc.strerror or _brief(exc)}"
@@ -100,16 +103,13 @@ class SmtpProvider:
                     return await self._send_on(connection, envelope, content)
                 except PeerClosed as exc:
                     if exc.after_content:
-                        # The peer may have the message: it goes back to the queue, with
-                        # this attempt on record, rather than out again at once.
-                        raise ProviderError(f"{self.name}: {exc} after the content") from None
+                        raise _lost(self.name, exc) from None
                     # A pooled session the peer had already closed: one fresh try.
             connection = await self._connect()
             try:
                 return await self._send_on(connection, envelope, content)
             except PeerClosed as exc:
-                detail = f"{self.name}: {exc}" + (" after the content" if exc.after_content else "")
-            raise ProviderError(detail) from None
+                raise _lost(self.name, exc) from None
 
     async def _send_on(
         self, connection: SmtpConnection, envelope: Envelope, content: bytes
@@ -119,12 +119,10 @@ class SmtpProvider:
             results = await self._transaction(connection, envelope, content)
         except NotSent as exc:
             # Nothing was written: the session is as it was, and the provider is not at
-            # fault. The recipients are deferred (another provider may carry the message)
-            # or failed when no SMTP peer could.
+            # fault. The recipients are deferred: another provider may carry the message.
             self._idle.append(connection)
-            outcome = Outcome.PERMANENT if exc.permanent else Outcome.TRANSIENT
             return [
-                RecipientResult(address, outcome, f"not sent to {self.name}: {exc}")
+                RecipientResult(address, Outcome.TRANSIENT, f"not sent to {self.name}: {exc}")
                 for address in envelope.rcpt_tos
             ]
         except BaseException:
@@ -151,6 +149,10 @@ class SmtpProvider:
         except (PeerClosed, NotSent):
             raise
         except (SmtpError, OSError, TimeoutError) as exc:
+            if connection.content_written:
+                raise ProviderError(
+                    f"{self.name}: {_brief(exc)} after the content", maybe_delivered=True
+                ) from None
             raise ProviderError(f"{self.name}: {_brief(exc)}") from None
         return [
             _result(address, reply)
@@ -172,6 +174,14 @@ class SmtpProvider:
         idle, self._idle = self._idle, []
         for connection in idle:
             await connection.quit()
+
+
+def _lost(name: str, exc: PeerClosed) -> ProviderError:
+    if exc.after_content:
+        # The peer may have the message: it goes back to the queue, with this attempt on
+        # record, rather than out again at once, here or through the next provider.
+        return ProviderError(f"{name}: {exc} after the content", maybe_delivered=True)
+    return ProviderError(f"{name}: {exc}")
 
 
 def _auth_error(name: str, reply: Reply) -> ProviderError:

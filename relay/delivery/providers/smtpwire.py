@@ -22,6 +22,10 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+# The slowest link a content write is given time for, and the wait for the verdict after
+# the content (RFC 5321 4.5.3.2.6: 10 minutes).
+_SLOW_LINK_BYTES_S = 64 * 1024
+_DATA_DONE_S = 600.0
 # A reply line longer than this is not SMTP (RFC 5321 4.5.3.1.5 allows 512 octets).
 _LINE_LIMIT = 8192
 _BARE_LINE_ENDS = re.compile(rb"\r\n|\r|\n")
@@ -73,15 +77,7 @@ class AuthRefused(Refused):
 
 
 class NotSent(SmtpError):
-    """This message cannot be written to this peer; nothing was sent, the session is intact.
-
-    `permanent`: no peer could take it (an address no SMTP command can hold), rather than
-    this one lacking an extension that another provider may have.
-    """
-
-    def __init__(self, detail: str, *, permanent: bool = False) -> None:
-        super().__init__(detail)
-        self.permanent = permanent
+    """This message cannot be written to this peer; nothing was sent, the session is intact."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +108,9 @@ class SmtpConnection:
         self._timeout = timeout
         self.extensions: dict[str, str] = {}
         self._broken = False
+        # Whether the current transaction's content went out: after that, the peer may
+        # have the message whatever goes wrong, and sending it again could deliver it twice.
+        self.content_written = False
 
     @classmethod
     async def open(cls, peer: Peer) -> SmtpConnection:
@@ -211,7 +210,7 @@ class SmtpConnection:
 
     async def command(self, line: str, *, secret: bool = False) -> Reply:
         if not secret and _CONTROL.search(line):
-            raise NotSent("a command may not hold control characters", permanent=True)
+            raise SmtpError("a command may not hold control characters")
         self._write(_encoded(line) + b"\r\n")
         async with asyncio.timeout(self._timeout):
             return await self._reply()
@@ -228,13 +227,25 @@ class SmtpConnection:
         A recipient's reply is the final reply after the content when it was accepted, and
         otherwise whatever refused it: its RCPT reply, or the MAIL or DATA reply.
         """
+        self.content_written = False
         data = _data_block(content)
         mail = self._mail_command(mail_from, rcpt_tos, mail_options, len(data) - 3)
+        if not _writable(mail):
+            # No peer could take this sender. A verdict on the recipients would count against
+            # them as hard bounces; the message waits instead, and fails at its max age.
+            raise NotSent("the sender address cannot be written in an SMTP command")
+        # A recipient no SMTP command can hold fails alone; the others are sent to.
+        writable = [_writable(f"RCPT TO:<{address}>") for address in rcpt_tos]
+        sendable = [address for address, ok in zip(rcpt_tos, writable, strict=True) if ok]
+        if not sendable:
+            return [_UNWRITABLE] * len(rcpt_tos)
+        if len(sendable) < len(rcpt_tos):
+            mail = self._mail_command(mail_from, sendable, mail_options, len(data) - 3)
+        decided = iter(await self._send(mail, sendable, data))
+        return [next(decided) if ok else _UNWRITABLE for ok in writable]
+
+    async def _send(self, mail: str, rcpt_tos: list[str], data: bytes) -> list[Reply]:
         rcpts = [f"RCPT TO:<{address}>" for address in rcpt_tos]
-        for line in (mail, *rcpts):
-            if _CONTROL.search(line):
-                raise NotSent("an envelope address holds a control character", permanent=True)
-            _encoded(line)
         if self._unread():
             self._broken = True
             raise PeerClosed("the peer wrote while the session was idle")
@@ -253,17 +264,24 @@ class SmtpConnection:
             self._broken = True
             raise SmtpError(f"DATA answered {data_reply}, not 354")
         if data_reply is not None and data_reply.code == 354:
+            if self._unread():
+                # A reply already waiting would be taken as the verdict on the content.
+                self._broken = True
+                raise SmtpError("the peer wrote ahead of the content")
             if not accepted:
                 # A peer that opened DATA with nothing to deliver to (RFC 2920 3.1): end the
                 # message empty and let RSET drop it.
                 final = await self._send_content(b".\r\n")
                 await self._reset()
                 return _verdicts(mail_reply, rcpt_replies, final)
+            self.content_written = True
             try:
                 final = await self._send_content(data)
             except PeerClosed as exc:
                 exc.after_content = True
                 raise
+            if not 200 <= final.code < 600:
+                self._broken = True  # a final reply that is no verdict: the session is lost
             return _verdicts(mail_reply, rcpt_replies, final)
 
         await self._reset()
@@ -325,13 +343,17 @@ class SmtpConnection:
 
     async def _send_content(self, block: bytes) -> Reply:
         self._write(block)
-        async with asyncio.timeout(self._timeout):
+        # The write may take as long as the timeout plus the content at a slow link's rate,
+        # and the verdict after it as long as RFC 5321 4.5.3.2 allows the peer (10 minutes,
+        # within the router's attempt_timeout): a large message must not time out while the
+        # peer is still reading or scanning it.
+        async with asyncio.timeout(self._timeout + len(block) / _SLOW_LINK_BYTES_S):
             try:
-                # A peer that stops reading holds the write here, within the timeout.
                 await self._writer.drain()
             except ConnectionError as exc:
                 self._broken = True
                 raise PeerClosed(f"connection lost: {exc.__class__.__name__}") from None
+        async with asyncio.timeout(max(self._timeout, _DATA_DONE_S)):
             return await self._reply()
 
     async def _reset(self) -> None:
@@ -438,12 +460,28 @@ def _data_block(content: bytes) -> bytes:
 
 
 def _encoded(line: str) -> bytes:
+    return line.encode("utf-8")
+
+
+def _writable(line: str) -> bool:
+    """Whether a command line can go on the wire: no control characters, and no undecodable
+    bytes (kept as surrogates when they came in)."""
+    if _CONTROL.search(line):
+        return False
     try:
-        return line.encode("utf-8")
+        line.encode("utf-8")
     except UnicodeEncodeError:
-        # Undecodable bytes that came in, kept as surrogates: no peer could read them.
-        raise NotSent("an address holds bytes that are not UTF-8", permanent=True) from None
+        return False
+    return True
+
+
+_UNWRITABLE = Reply(553, "5.1.3 the address cannot be written in an SMTP command (not sent)")
 
 
 def _b64(text: str) -> str:
-    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+    try:
+        raw = text.encode("utf-8")
+    except UnicodeEncodeError:
+        # The error would carry the text, credentials and all: say only what is wrong.
+        raise SmtpError("the credentials are not valid text") from None
+    return base64.b64encode(raw).decode("ascii")
