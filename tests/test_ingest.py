@@ -438,3 +438,19 @@ def test_bare_line_end_check_agrees_with_the_definition() -> None:
             for cut in range(len(stream) + 1):
                 chunks = tuple(c for c in (stream[:cut], stream[cut:]) if c)
                 assert verdict(chunks) == expected, (stream, cut)
+
+
+async def test_an_address_that_is_not_utf8_is_refused_at_rcpt(start_relay: StartRelay) -> None:
+    service = await paused_relay(start_relay)
+    transcript = (
+        b"EHLO client.example\r\n"
+        b"MAIL FROM:<a@example.org> SMTPUTF8\r\n"
+        b"RCPT TO:<b\xff\xfe@example.net>\r\n"
+        b"RCPT TO:<c@b\xe9d.example>\r\n"
+        b"RCPT TO:<ok@example.net>\r\n"
+        b"QUIT\r\n"
+    )
+    replies = (await raw_session(service.smtp_port, transcript)).decode("utf-8", "replace")
+    lines = [line for line in replies.split("\r\n") if line[3:4] == " "]
+    assert [line[:9] for line in lines[2:6]] == ["250 2.1.0", "501 5.1.3", "501 5.1.3", "250 2.1.5"]
+    assert "not valid UTF-8" in lines[3] and "not valid UTF-8" in lines[4]

@@ -15,6 +15,10 @@ _ADDRESS_LITERAL = re.compile(r"^\[(?:IPv6:[0-9A-Fa-f:.]+|\d{1,3}(?:\.\d{1,3}){3
 
 def address_problem(address: str) -> str | None:
     """Why `address` is not a usable mailbox, or None when it is."""
+    if not address.isascii() and not _is_utf8(address):
+        # Bytes that are not UTF-8 come in kept as surrogates: no provider could send to
+        # them, and the label pattern below would take them for letters.
+        return "address is not valid UTF-8"
     if _CONTROL_OR_SPACE.search(address):
         return "address contains spaces or control characters"
     local, at, domain = address.rpartition("@")
@@ -30,3 +34,11 @@ def address_problem(address: str) -> str | None:
     if not all(_LABEL.match(label) for label in labels):
         return "domain is not a valid host name"
     return None
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
