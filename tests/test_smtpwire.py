@@ -524,17 +524,26 @@ async def test_plaintext_slipped_in_after_the_starttls_reply_stops_the_session()
     assert peer.heard[-1] == b"STARTTLS\r\n"
 
 
-async def test_a_success_to_data_is_never_taken_for_the_final_reply() -> None:
+@pytest.mark.parametrize(
+    ("group_reply", "refusal"),
+    [
+        # A success to DATA: taken as the final reply, it would call unsent mail sent.
+        (b"250 ok\r\n250 ok\r\n250 out of step\r\n", "DATA answered 250"),
+        (b"250-ok\r\n550 not ok\r\n250 ok\r\n354 go\r\n", "changed its code"),
+    ],
+    ids=["250 to DATA", "multi-line reply changing its code"],
+)
+async def test_replies_out_of_step_stop_the_session(group_reply: bytes, refusal: str) -> None:
     async def dialogue(peer: RawPeer, r: Any, w: Any) -> None:
         await _hello(peer, r, w, b"PIPELINING")
         await peer.expect(r, 3)
-        w.write(b"250 ok\r\n250 ok\r\n250 out of step\r\n")
+        w.write(group_reply)
         await peer.expect(r)
 
     peer = RawPeer(dialogue)
     smarthost, _ = await _run(peer)
     try:
-        with pytest.raises(ProviderError, match="DATA answered 250"):
+        with pytest.raises(ProviderError, match=refusal):
             await smarthost.send(envelope("ok@example.net"), b"x\r\n")
         assert smarthost._idle == []
     finally:
@@ -597,23 +606,6 @@ async def test_a_peer_that_stops_answering_times_out_and_is_not_pooled() -> None
         with pytest.raises(ProviderError, match="TimeoutError"):
             await smarthost.send(envelope("ok@example.net"), b"x\r\n")
         assert smarthost._idle == []
-    finally:
-        await smarthost.close()
-        await peer.stop()
-
-
-async def test_a_multi_line_reply_that_changes_its_code_is_refused() -> None:
-    async def dialogue(peer: RawPeer, r: Any, w: Any) -> None:
-        await _hello(peer, r, w, b"PIPELINING")
-        await peer.expect(r, 3)
-        w.write(b"250-ok\r\n550 not ok\r\n250 ok\r\n354 go\r\n")
-        await peer.expect(r)
-
-    peer = RawPeer(dialogue)
-    smarthost, _ = await _run(peer)
-    try:
-        with pytest.raises(ProviderError, match="changed its code"):
-            await smarthost.send(envelope("ok@example.net"), b"x\r\n")
     finally:
         await smarthost.close()
         await peer.stop()
