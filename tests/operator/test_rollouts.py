@@ -561,8 +561,15 @@ def test_canary_promotes_through_every_step(
     watch = ReplicaWatch(relay)
     relay.patch_spec({"image": "smtp-relay:2"})
 
+    # Stable with the new image: right after the patch the status may still show the first
+    # revision's Stable, before the operator has started the canary.
     stable = relay.wait_for(
-        lambda: relay.rollout if relay.rollout.get("phase") == "Stable" else None,
+        lambda: (
+            relay.rollout
+            if relay.rollout.get("phase") == "Stable"
+            and relay.rollout.get("stableImage") == "smtp-relay:2"
+            else None
+        ),
         "the canary's promotion",
         90,
     )
