@@ -7,6 +7,7 @@ wrote, and a pipelined transaction writes MAIL, the RCPTs and DATA as one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -107,13 +108,17 @@ class Scripted:
         self.closing_seen = 0
         self.received: list[tuple[str, list[str], bytes]] = []
 
-    async def handle_EHLO(self, server, session, envelope, hostname, responses):  # type: ignore[no-untyped-def]
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
         session.host_name = hostname
         if self.pipelining:
             responses.insert(-1, "250-PIPELINING")
         return responses
 
-    async def handle_MAIL(self, server, session, envelope, address, options):  # type: ignore[no-untyped-def]
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
         if address.startswith("blocked@"):
             return "451 4.7.1 sender held for review"
         if address.startswith("closing@"):
@@ -122,7 +127,9 @@ class Scripted:
         envelope.mail_from = address
         return "250 OK"
 
-    async def handle_RCPT(self, server, session, envelope, address, options):  # type: ignore[no-untyped-def]
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
         if address.startswith("gone@"):
             return "550 5.1.1 no such user"
         if address.startswith("full@"):
@@ -130,7 +137,7 @@ class Scripted:
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.received.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
         return f"250 2.0.0 Ok: queued as S{len(self.received)}"
 
@@ -444,7 +451,7 @@ class TlsWitness(Scripted):
         super().__init__(pipelining=True)
         self.encrypted: list[bool] = []
 
-    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         # aiosmtpd sets session.ssl after STARTTLS only; the transport knows either way.
         self.encrypted.append(server.transport.get_extra_info("ssl_object") is not None)
         return await super().handle_DATA(server, session, envelope)
@@ -500,9 +507,15 @@ async def _deliver_one(peer: RawPeer, r: Any, w: Any) -> None:
     w.write(b"250 2.0.0 queued as R1\r\n")
 
 
-async def _run(peer: RawPeer, **settings: Any) -> tuple[SmtpProvider, int]:
-    port = await peer.start()
-    return provider(port, **settings), port
+@contextlib.asynccontextmanager
+async def talking_to(peer: RawPeer, **settings: Any) -> AsyncIterator[SmtpProvider]:
+    """A smarthost provider pointed at `peer`; both closed at the end."""
+    smarthost = provider(await peer.start(), **settings)
+    try:
+        yield smarthost
+    finally:
+        await smarthost.close()
+        await peer.stop()
 
 
 async def test_plaintext_slipped_in_after_the_starttls_reply_stops_the_session() -> None:
@@ -514,13 +527,9 @@ async def test_plaintext_slipped_in_after_the_starttls_reply_stops_the_session()
         await peer.expect(r)
 
     peer = RawPeer(dialogue)
-    smarthost, _ = await _run(peer, tls="starttls")
-    try:
+    async with talking_to(peer, tls="starttls") as smarthost:
         with pytest.raises(ProviderError, match="plaintext followed the STARTTLS reply"):
             await smarthost.send(envelope("ok@example.net"), b"x\r\n")
-    finally:
-        await smarthost.close()
-        await peer.stop()
     assert peer.heard[-1] == b"STARTTLS\r\n"
 
 
@@ -541,14 +550,10 @@ async def test_replies_out_of_step_stop_the_session(group_reply: bytes, refusal:
         await peer.expect(r)
 
     peer = RawPeer(dialogue)
-    smarthost, _ = await _run(peer)
-    try:
+    async with talking_to(peer) as smarthost:
         with pytest.raises(ProviderError, match=refusal):
             await smarthost.send(envelope("ok@example.net"), b"x\r\n")
         assert smarthost._idle == []
-    finally:
-        await smarthost.close()
-        await peer.stop()
 
 
 async def test_a_pooled_session_holding_unread_bytes_is_not_reused() -> None:
@@ -562,15 +567,11 @@ async def test_a_pooled_session_holding_unread_bytes_is_not_reused() -> None:
         await peer.expect(r)
 
     peer = RawPeer(dialogue)
-    smarthost, _ = await _run(peer)
-    try:
+    async with talking_to(peer) as smarthost:
         for _ in range(2):
             [result] = await smarthost.send(envelope("ok@example.net"), b"x\r\n")
             assert result.detail == "2.0.0 queued as R1"
             await asyncio.sleep(0.05)  # the stray reply arrives while the session is idle
-    finally:
-        await smarthost.close()
-        await peer.stop()
     assert peer.sessions == 2
 
 
@@ -581,12 +582,8 @@ async def test_a_refusal_followed_by_a_hang_up_is_still_a_verdict() -> None:
         w.write(b"554 5.7.1 sender policy\r\n")  # and hangs up
 
     peer = RawPeer(dialogue)
-    smarthost, _ = await _run(peer)
-    try:
+    async with talking_to(peer) as smarthost:
         results = await smarthost.send(envelope("a@example.net", "b@example.net"), b"x\r\n")
-    finally:
-        await smarthost.close()
-        await peer.stop()
     assert [(r.outcome, r.detail) for r in results] == [
         (Outcome.PERMANENT, "554 5.7.1 sender policy")
     ] * 2
@@ -601,14 +598,10 @@ async def test_a_peer_that_stops_answering_times_out_and_is_not_pooled() -> None
         await asyncio.sleep(30)
 
     peer = RawPeer(dialogue)
-    smarthost, _ = await _run(peer, timeout=timedelta(seconds=0.3))
-    try:
+    async with talking_to(peer, timeout=timedelta(seconds=0.3)) as smarthost:
         with pytest.raises(ProviderError, match="TimeoutError"):
             await smarthost.send(envelope("ok@example.net"), b"x\r\n")
         assert smarthost._idle == []
-    finally:
-        await smarthost.close()
-        await peer.stop()
 
 
 @pytest.mark.parametrize(
@@ -627,13 +620,9 @@ async def test_only_a_535_blames_the_credentials(reply: bytes, kind: str, transi
         await peer.expect(r)
 
     peer = RawPeer(dialogue)
-    smarthost, _ = await _run(peer, username="relay-a", password=PASSWORD)
-    try:
+    async with talking_to(peer, username="relay-a", password=PASSWORD) as smarthost:
         with pytest.raises(ProviderError) as refused:
             await smarthost.send(envelope("ok@example.net"), b"x\r\n")
-    finally:
-        await smarthost.close()
-        await peer.stop()
     assert (refused.value.kind, refused.value.transient) == (kind, transient)
     assert PASSWORD not in str(refused.value)
 
@@ -644,13 +633,11 @@ async def test_credentials_never_cross_an_unencrypted_opportunistic_session() ->
         await peer.expect(r)
 
     peer = RawPeer(dialogue)
-    smarthost, _ = await _run(peer, tls="opportunistic", username="relay-a", password=PASSWORD)
-    try:
+    async with talking_to(
+        peer, tls="opportunistic", username="relay-a", password=PASSWORD
+    ) as smarthost:
         with pytest.raises(ProviderError, match="not encrypted"):
             await smarthost.send(envelope("ok@example.net"), b"x\r\n")
-    finally:
-        await smarthost.close()
-        await peer.stop()
     assert not any(b"AUTH" in line for line in peer.heard)
 
 
@@ -662,8 +649,7 @@ async def test_an_address_that_cannot_be_written_fails_alone() -> None:
         await peer.expect(r)
 
     peer = RawPeer(dialogue)
-    smarthost, _ = await _run(peer)
-    try:
+    async with talking_to(peer) as smarthost:
         # Undecodable bytes, kept as surrogates: no SMTP command can hold them.
         bad, good = "bad\udcff@example.net", "ok@example.net"
         results = await smarthost.send(envelope(bad, good), b"x\r\n")
@@ -678,9 +664,6 @@ async def test_an_address_that_cannot_be_written_fails_alone() -> None:
         assert waiting.outcome is Outcome.TRANSIENT
         [result] = await smarthost.send(envelope(good), b"x\r\n")
         assert result.outcome is Outcome.DELIVERED
-    finally:
-        await smarthost.close()
-        await peer.stop()
     assert peer.sessions == 1
     rcpts = [line for line in peer.heard if line.startswith(b"RCPT")]
     assert rcpts == [b"RCPT TO:<ok@example.net>\r\n"] * 2
@@ -697,17 +680,13 @@ async def test_a_session_lost_after_the_content_is_not_sent_again_at_once() -> N
         peer.heard.append(b"whole second message")  # and hangs up before the final reply
 
     peer = RawPeer(dialogue)
-    smarthost, _ = await _run(peer)
-    try:
+    async with talking_to(peer) as smarthost:
         await smarthost.send(envelope("ok@example.net"), b"1\r\n")
         # The peer may have taken it: resent now, on a fresh session, it could arrive twice
         # with no trace of the first try. It goes back to the queue instead, on record.
         with pytest.raises(ProviderError, match="after the content") as lost:
             await smarthost.send(envelope("ok@example.net"), b"2\r\n")
         assert lost.value.maybe_delivered
-    finally:
-        await smarthost.close()
-        await peer.stop()
     assert peer.sessions == 1
 
 
