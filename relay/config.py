@@ -781,7 +781,7 @@ def _file_settings(model: BaseModel, prefix: str, unused: set[str]) -> list[tupl
     found = []
     for name, value in model:
         key = f"{prefix}{name}"
-        if any(key.startswith(skipped) or key == skipped for skipped in unused):
+        if key.startswith(tuple(unused)):
             continue
         if isinstance(value, BaseModel):
             found += _file_settings(value, f"{key}.", unused)

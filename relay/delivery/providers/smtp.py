@@ -43,15 +43,22 @@ class SmtpProvider:
         self._idle: list[SmtpConnection] = []
         self._slots = asyncio.Semaphore(settings.max_connections)
         self._local_hostname = settings.local_hostname
+        self._tls_context: ssl.SSLContext | None = None
+
+    def _tls(self) -> ssl.SSLContext | None:
+        # Built on first use and kept: loading the CA bundle for each new session would
+        # cost more than the handshake it serves.
+        s = self.settings
+        if s.tls != "none" and self._tls_context is None:
+            context = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
+            if not s.verify_certificate:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            self._tls_context = context
+        return self._tls_context
 
     async def _peer(self) -> Peer:
         s = self.settings
-        tls_context = None
-        if s.tls != "none":
-            tls_context = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
-            if not s.verify_certificate:
-                tls_context.check_hostname = False
-                tls_context.verify_mode = ssl.CERT_NONE
         if self._local_hostname is None:
             # The name resolver may block: asked once, off the event loop.
             self._local_hostname = await asyncio.to_thread(socket.getfqdn)
@@ -59,7 +66,7 @@ class SmtpProvider:
             host=s.host,
             port=s.port,
             tls=s.tls,
-            tls_context=tls_context,
+            tls_context=self._tls(),
             local_hostname=self._local_hostname,
             timeout=s.timeout.total_seconds(),
             username=s.username,
@@ -73,8 +80,9 @@ class SmtpProvider:
             detail = f"{self.name}: the password_file does not hold UTF-8 text"
             raise ProviderError(detail, transient=False, kind="config") from None
         except OSError as exc:
-            # A missing or unreadable password_file: the file's fault, not the peer's.
-            detail = f"{self.name}: cannot read password_file: {exc.strerror or _brief(exc)}"
+            # A missing or unreadable password_file or ca_file: a file's fault, not the peer's.
+            reason = exc.strerror or _brief(exc)
+            detail = f"{self.name}: cannot read its password_file or ca_file: {reason}"
             raise ProviderError(detail, transient=False, kind="config") from None
         try:
             return await SmtpConnection.open(peer)
@@ -131,7 +139,7 @@ class SmtpProvider:
         if connection.usable:
             self._idle.append(connection)
         else:
-            await connection.quit()
+            connection.close()
         return results
 
     async def _transaction(

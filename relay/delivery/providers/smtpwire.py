@@ -211,7 +211,7 @@ class SmtpConnection:
     async def command(self, line: str, *, secret: bool = False) -> Reply:
         if not secret and _CONTROL.search(line):
             raise SmtpError("a command may not hold control characters")
-        self._write(_encoded(line) + b"\r\n")
+        self._write(line.encode("utf-8") + b"\r\n")
         async with asyncio.timeout(self._timeout):
             return await self._reply()
 
@@ -228,19 +228,17 @@ class SmtpConnection:
         otherwise whatever refused it: its RCPT reply, or the MAIL or DATA reply.
         """
         self.content_written = False
-        data = _data_block(content)
-        mail = self._mail_command(mail_from, rcpt_tos, mail_options, len(data) - 3)
-        if not _writable(mail):
-            # No peer could take this sender. A verdict on the recipients would count against
-            # them as hard bounces; the message waits instead, and fails at its max age.
-            raise NotSent("the sender address cannot be written in an SMTP command")
         # A recipient no SMTP command can hold fails alone; the others are sent to.
         writable = [_writable(f"RCPT TO:<{address}>") for address in rcpt_tos]
         sendable = [address for address, ok in zip(rcpt_tos, writable, strict=True) if ok]
         if not sendable:
             return [_UNWRITABLE] * len(rcpt_tos)
-        if len(sendable) < len(rcpt_tos):
-            mail = self._mail_command(mail_from, sendable, mail_options, len(data) - 3)
+        data = _data_block(content)
+        mail = self._mail_command(mail_from, sendable, mail_options, len(data) - 3)
+        if not _writable(mail):
+            # No peer could take this sender. A verdict on the recipients would count against
+            # them as hard bounces; the message waits instead, and fails at its max age.
+            raise NotSent("the sender address cannot be written in an SMTP command")
         decided = iter(await self._send(mail, sendable, data))
         return [next(decided) if ok else _UNWRITABLE for ok in writable]
 
@@ -309,7 +307,7 @@ class SmtpConnection:
 
     async def _pipelined(self, mail: str, rcpts: list[str]) -> list[Reply]:
         lines = [mail, *rcpts, "DATA"]
-        self._write(_encoded("".join(f"{line}\r\n" for line in lines)))
+        self._write("".join(f"{line}\r\n" for line in lines).encode("utf-8"))
         replies: list[Reply] = []
         loop = asyncio.get_running_loop()
         try:
@@ -457,10 +455,6 @@ def _data_block(content: bytes) -> bytes:
     if content and not content.endswith(b"\r\n"):
         content += b"\r\n"
     return content + b".\r\n"
-
-
-def _encoded(line: str) -> bytes:
-    return line.encode("utf-8")
 
 
 def _writable(line: str) -> bool:
