@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import getpass
 import json
-import os
 import sys
 from collections.abc import Callable, Coroutine
 from datetime import datetime
@@ -19,7 +18,7 @@ from typing import Any
 
 from relay import __version__
 from relay.clock import utcnow
-from relay.config import CONFIG_PATH_ENV, ConfigError, Settings, load_config, unreadable_files
+from relay.config import ConfigError, Settings, load_config
 from relay.logs import configure
 from relay.queue import SqlStore, StoreUnavailable, create_store
 
@@ -130,17 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "hash-password":
         return _hash_password()
     try:
-        settings, config_text = load_config(args.config)
+        # Secret files must be readable where they will be used: by the relay itself.
+        settings, config_text = load_config(args.config, files=args.command in ("config", "serve"))
     except ConfigError as exc:
         print(f"smtp-relay: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure(settings.log.level, settings.log.format)
 
-    if args.command in ("config", "serve") and (missing := unreadable_files(settings)):
-        source = args.config or os.environ.get(CONFIG_PATH_ENV) or "environment and defaults"
-        lines = "\n".join(f"  {line}" for line in missing)
-        print(f"smtp-relay: invalid configuration ({source}):\n{lines}", file=sys.stderr)
-        return EXIT_CONFIG
     if args.command == "config":
         print("configuration ok")
         return 0

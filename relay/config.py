@@ -800,20 +800,29 @@ def load_settings(path: Path | str | None = None) -> Settings:
     return load_config(path)[0]
 
 
-def load_config(path: Path | str | None = None) -> tuple[Settings, str | None]:
+def load_config(
+    path: Path | str | None = None, *, files: bool = False
+) -> tuple[Settings, str | None]:
     """The settings and the YAML text they came from (None: environment and defaults).
 
     The text is what extra ingest processes are started with, so that all of a relay's
-    processes run one configuration even if the file changes under them.
+    processes run one configuration even if the file changes under them. `files`: also
+    require every `*_file` setting in use to name a readable file (see unreadable_files).
     """
     path = path or os.environ.get(CONFIG_PATH_ENV) or None
     if path is None:
-        return parse_settings(None, "environment and defaults"), None
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-    return parse_settings(text, str(path)), text
+        source, text = "environment and defaults", None
+    else:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    settings = parse_settings(text, source)
+    if files and (missing := unreadable_files(settings)):
+        lines = "".join(f"\n  {line}" for line in missing)
+        raise ConfigError(f"invalid configuration ({source}):{lines}")
+    return settings, text
 
 
 def parse_settings(text: str | None, source: str) -> Settings:
