@@ -333,6 +333,16 @@ def table(report: dict[str, Any]) -> str:
                 _mark(o["rss_target_met"]),
             )
         )
+        floor = o.get("floor") or {}
+        if "p95_s" in floor:
+            rows.append(
+                (
+                    "operator floor: the four applies alone, P50/P95",
+                    f"{floor['p50_s']} / {floor['p95_s']} s",
+                    "what the control plane allows any operator",
+                    "",
+                )
+            )
         settled = o.get("paced", {}).get("settled")
         if settled:
             rows.append(

@@ -16,6 +16,7 @@ import asyncio
 import datetime
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -28,7 +29,15 @@ from relay_operator import builders, conditions, drift, providers, rollout, stra
 from relay_operator.builders import Provider, Relay
 from relay_operator.cache import ObjectCache
 from relay_operator.conditions import Problem
-from relay_operator.kube import FIELD_MANAGER, ApiError, Kube, event, path
+from relay_operator.kube import (
+    FIELD_MANAGER,
+    ApiError,
+    Kube,
+    bookkeeping,
+    children_first,
+    event,
+    path,
+)
 from relay_operator.models import API_VERSION, GROUP, VERSION, RelayProviderSpec, SmtpRelaySpec
 from relay_operator.settings import OperatorSettings
 
@@ -134,9 +143,10 @@ async def _announce(
     log = logger.warning if warning else logger.info
     log("%s %s/%s: %s: %s", obj["kind"], meta["namespace"], meta["name"], reason, message)
     try:
-        await ctx.kube.post_event(
-            event(obj, warning=warning, reason=reason, message=message, now=_now())
-        )
+        with bookkeeping():
+            await ctx.kube.post_event(
+                event(obj, warning=warning, reason=reason, message=message, now=_now())
+            )
     except ApiError as exc:
         logger.warning("could not post event %s: %s", reason, exc)
 
@@ -154,7 +164,8 @@ async def _write_status(
         generation=status["observedGeneration"],
     )
     if any(_bare(previous.get(key)) != _bare(value) for key, value in status.items()):
-        ctx.cache.seen(await ctx.kube.patch_status(url, status), url=url)
+        with bookkeeping():
+            ctx.cache.seen(await ctx.kube.patch_status(url, status), url=url)
     return conditions.transitions(old_conditions, status["conditions"])
 
 
@@ -456,50 +467,53 @@ async def reconcile_relay(
     resync, the children as stored (see `_apply_children`).
     """
     url = path(API_VERSION, "SmtpRelay", namespace, name)
-    async with ctx.lock("SmtpRelay", namespace, name):
-        obj = await _read(ctx, url)
-        if obj is None or obj["metadata"].get("deletionTimestamp"):
-            return  # the garbage collector takes the children
-        if pods_only and await _refresh_status(ctx, obj, url):
-            return
-        drifted = pods_only and _deployment_drifted(ctx, obj)
-        generation = obj["metadata"].get("generation", 0)
-        previous = obj.get("status") or {}
-        try:
-            spec = SmtpRelaySpec.model_validate(obj.get("spec") or {})
-        except pydantic.ValidationError as exc:
-            inputs = Inputs([], {}, [Problem("InvalidSpec", _describe(exc))])
-            relay = None
-        else:
-            relay = Relay(name, namespace, obj["metadata"]["uid"], spec)
-            inputs = await _gather(ctx, relay)
+    # The reconcile's reads and applies go before bookkeeping and later relays' work
+    # (kube.children_first); its status patch and Events mark themselves bookkeeping.
+    with children_first(since=time.monotonic()):
+        async with ctx.lock("SmtpRelay", namespace, name):
+            obj = await _read(ctx, url)
+            if obj is None or obj["metadata"].get("deletionTimestamp"):
+                return  # the garbage collector takes the children
+            if pods_only and await _refresh_status(ctx, obj, url):
+                return
+            drifted = pods_only and _deployment_drifted(ctx, obj)
+            generation = obj["metadata"].get("generation", 0)
+            previous = obj.get("status") or {}
+            try:
+                spec = SmtpRelaySpec.model_validate(obj.get("spec") or {})
+            except pydantic.ValidationError as exc:
+                inputs = Inputs([], {}, [Problem("InvalidSpec", _describe(exc))])
+                relay = None
+            else:
+                relay = Relay(name, namespace, obj["metadata"]["uid"], spec)
+                inputs = await _gather(ctx, relay)
 
-        if relay is not None and relay.spec.strategy is not None and not inputs.problems:
-            await _reconcile_strategy(ctx, obj, relay, inputs, url)
-            return
-        deployment: dict[str, Any] | None
-        retired = False
-        if relay is not None and not inputs.problems:
-            deployment = await _apply_children(ctx, obj, relay, inputs, live, drifted)
-            if previous.get("observedGeneration") != generation:
-                await _design_only_warnings(ctx, obj, relay)
-            if previous.get("rollout"):
-                retired = await _retire_strategy(ctx, obj, relay, deployment)
-        else:
-            # A broken configuration is never rolled out: the pods keep running on the
-            # last good one while the status says what to fix.
-            deployment = await _read(ctx, path("apps/v1", "Deployment", namespace, name))
+            if relay is not None and relay.spec.strategy is not None and not inputs.problems:
+                await _reconcile_strategy(ctx, obj, relay, inputs, url)
+                return
+            deployment: dict[str, Any] | None
+            retired = False
+            if relay is not None and not inputs.problems:
+                deployment = await _apply_children(ctx, obj, relay, inputs, live, drifted)
+                if previous.get("observedGeneration") != generation:
+                    await _design_only_warnings(ctx, obj, relay)
+                if previous.get("rollout"):
+                    retired = await _retire_strategy(ctx, obj, relay, deployment)
+            else:
+                # A broken configuration is never rolled out: the pods keep running on the
+                # last good one while the status says what to fix.
+                deployment = await _read(ctx, path("apps/v1", "Deployment", namespace, name))
 
-        problem = None
-        if inputs.problems:
-            problem = Problem(
-                inputs.problems[0].reason, "; ".join(p.message for p in inputs.problems)
-            )
-        status = _relay_status(generation, problem, deployment)
-        if retired:
-            status["rollout"] = None
-        changed = await _write_status(ctx, obj, status, url)
-        await _report_transitions(ctx, obj, changed)
+            problem = None
+            if inputs.problems:
+                problem = Problem(
+                    inputs.problems[0].reason, "; ".join(p.message for p in inputs.problems)
+                )
+            status = _relay_status(generation, problem, deployment)
+            if retired:
+                status["rollout"] = None
+            changed = await _write_status(ctx, obj, status, url)
+            await _report_transitions(ctx, obj, changed)
 
 
 def _relay_status(

@@ -10,9 +10,14 @@ async methods, which run the request in a worker thread and keep kopf's event lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import functools
+import heapq
+import itertools
 import json
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -35,6 +40,83 @@ _KINDS: dict[tuple[str, str], tuple[str, str]] = {
     (API_VERSION, "SmtpRelay"): (f"/apis/{API_VERSION}", "smtprelays"),
     (API_VERSION, "RelayProvider"): (f"/apis/{API_VERSION}", "relayproviders"),
 }
+
+
+# The order in which waiting requests get a thread: (class, ticket), lowest first. Requests
+# that make a relay's children exist are class 0, ticketed by when their reconcile began,
+# so that in a burst the relays finish in the order they came, each soon after its turn.
+# Everything else (status patches, Events, resync listings) is class 1, first come first
+# served, and waits while any class-0 request does: bookkeeping, which a burst can
+# postpone by a few seconds. Without this, 200 relays created at once shared the threads
+# round-robin and all finished together, seconds after most of them could have.
+CHILDREN, BOOKKEEPING = 0, 1
+_turn: contextvars.ContextVar[tuple[int, float] | None] = contextvars.ContextVar(
+    "kube_turn", default=None
+)
+
+
+@contextlib.contextmanager
+def children_first(since: float) -> Iterator[None]:
+    """Requests made in this block (and in tasks it starts) go before bookkeeping, and
+    before those of reconciles that began after `since` (a time.monotonic())."""
+    token = _turn.set((CHILDREN, since))
+    try:
+        yield
+    finally:
+        _turn.reset(token)
+
+
+@contextlib.contextmanager
+def bookkeeping() -> Iterator[None]:
+    """Requests made in this block are class 1 again, inside a children_first block."""
+    token = _turn.set(None)
+    try:
+        yield
+    finally:
+        _turn.reset(token)
+
+
+class Turns:
+    """At most `slots` requests in flight; waiting ones are let in by (class, ticket).
+
+    Used from the event loop only. A ThreadPoolExecutor's own queue is first come first
+    served, so the order is decided here, before a request reaches it.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self._free = slots
+        self._waiting: list[tuple[tuple[int, float], int, asyncio.Future[None]]] = []
+        self._arrivals = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, turn: tuple[int, float]) -> AsyncIterator[None]:
+        await self._acquire(turn)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self, turn: tuple[int, float]) -> None:
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+            return
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (turn, next(self._arrivals), granted))
+        try:
+            await granted
+        except asyncio.CancelledError:
+            # Granted just before the cancellation landed: the slot is ours to give back.
+            if granted.done() and not granted.cancelled():
+                self._release()
+            raise
+
+    def _release(self) -> None:
+        while self._waiting:
+            *_, granted = heapq.heappop(self._waiting)
+            if not granted.done():  # a cancelled waiter has no use for it
+                granted.set_result(None)
+                return
+        self._free += 1
 
 
 def path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
@@ -64,6 +146,7 @@ class Kube:
         # A pool of our own: asyncio's default one has min(32, cores + 4) threads, six on
         # two cores, and 200 relays reconciled at once queued behind six requests.
         self._threads = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="kube")
+        self._turns = Turns(concurrency)
 
     @classmethod
     def from_environment(cls, *, timeout_s: float = 30, concurrency: int = 16) -> Kube:
@@ -85,7 +168,13 @@ class Kube:
 
     async def _in_thread(self, call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads, functools.partial(call, *args, **kwargs))
+        # A request cancelled while in its thread gives its slot back at once, though the
+        # thread finishes the call: the pool may then briefly hold one more than `slots`,
+        # which waits in the pool's own queue.
+        async with self._turns.slot(_turn.get() or (BOOKKEEPING, time.monotonic())):
+            return await loop.run_in_executor(
+                self._threads, functools.partial(call, *args, **kwargs)
+            )
 
     def request(
         self,
