@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import getpass
 import json
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from datetime import datetime
@@ -24,6 +25,8 @@ from relay.queue import SqlStore, StoreUnavailable, create_store
 
 EXIT_CONFIG = 2
 EXIT_UNAVAILABLE = 1
+# What a shell reports for a process ended by SIGPIPE (128 + 13), as `yes | head` shows.
+EXIT_PIPE_CLOSED = 141
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -125,6 +128,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _command(argv)
+        sys.stdout.flush()  # inside the try: a reader gone shows here, at the latest
+    except BrokenPipeError:
+        # `smtp-relay queue status | head -1`: the reader stopped reading, which is not
+        # this command's error. Python would otherwise print a traceback, and another
+        # when it flushes stdout at exit; stdout goes to /dev/null so that it cannot.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE_CLOSED
+    return code
+
+
+def _command(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "hash-password":
         return _hash_password()

@@ -326,3 +326,26 @@ async def test_daily_quota_is_exact_across_two_relay_processes(
     await store.close()
     assert sum(counts.values()) == 50
     assert used["*"] == 50
+
+
+def test_a_reader_that_stops_reading_gets_no_traceback(tmp_path: Path) -> None:
+    # `smtp-relay queue status | head -1`, where head has already gone: the write fails
+    # with EPIPE. Before, two tracebacks (the write, then the flush at exit), exit 1.
+    env = {"RELAY_QUEUE__SQLITE__PATH": str(tmp_path / "q.db")}
+    assert run_cli("db", "migrate", env=env).returncode == 0
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [*RELAY, "queue", "status", "--json"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**clean, **env},
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141
+    assert result.stderr == ""
