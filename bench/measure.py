@@ -107,11 +107,12 @@ class CpuMeter:
         used["machine_busy_cpu_s"] = round(machine_busy, 2)
         used["machine_capacity_cpu_s"] = round(wall * (os.cpu_count() or 1), 2)
         # Not ours: other engineers' tests, kernel threads (disk writeback, softirqs).
-        used["others_cpu_s"] = round(machine_busy - sum(spent.values()), 2)
+        # /proc's tick counts are read at slightly different moments: a quiet machine can
+        # come out a few hundredths below zero, which is zero.
+        used["others_cpu_s"] = round(max(0.0, machine_busy - sum(spent.values())), 2)
         capacity = used["machine_capacity_cpu_s"]
-        # Rounding of the per-process figures can leave a hair below zero on a quiet machine.
         share = used["others_cpu_s"] / capacity if capacity else 0.0
-        used["others_share"] = round(max(0.0, share), 3)
+        used["others_share"] = round(share, 3)
         return used
 
 
@@ -181,7 +182,9 @@ def versions() -> dict[str, str]:
         return (out.stdout or out.stderr).strip()
 
     return {
-        "postfix": run("postconf", "-h", "mail_version"),
+        # -d: the compiled-in value. Without it postconf reads /etc/postfix/main.cf, which
+        # the bench never uses and a machine with Postfix installed may not have.
+        "postfix": run("postconf", "-d", "-h", "mail_version"),
         "mariadb": run("mariadbd", "--version"),
         "git_commit": run("git", "rev-parse", "HEAD"),
         # Other engineers edit relay/ while we measure: say which tree was measured.

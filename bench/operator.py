@@ -386,7 +386,9 @@ def _round(
     meter = CpuMeter({"operator": pid, **control_plane_pids(cluster.directory)})
     api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
     custom = client.CustomObjectsApi(api)
+    warm_up_began = time.monotonic()
     _warm_up(api, namespace, provider_status=not floor)
+    warm_up_s = time.monotonic() - warm_up_began
     applied: dict[str, float] = {}
     with ChildWatch(cluster, namespace) as watch, _sampling_rss(pid, rss):
         rss_before = rss_bytes(pid) / 2**20
@@ -416,6 +418,9 @@ def _round(
     result: dict[str, Any] = {
         "relays": relays,
         "complete": len(latencies),
+        # From the wait for the provider's status until the children of the relay
+        # `warm-up` existed; not in any other figure.
+        "warm_up_s": round(warm_up_s, 2),
         "create_calls_s": round(created_s, 2),
         "all_children_after_s": round(max(finished) - began, 2) if finished else None,
         "rss_before_mib": round(rss_before, 1),

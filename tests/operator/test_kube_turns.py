@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -146,3 +147,53 @@ async def test_a_waiter_cancelled_as_it_was_let_in_returns_the_slot() -> None:
         await late
     await asyncio.wait_for(take("after"), 1)
     assert ran == ["after"]
+
+
+async def test_bookkeeping_waits_for_children_in_flight_though_threads_are_free() -> None:
+    turns = Turns(4)
+    started: list[str] = []
+    apply_done = asyncio.Event()
+
+    async def apply() -> None:
+        async with turns.slot((0, 1.0)):
+            started.append("apply")
+            await apply_done.wait()
+
+    async def status() -> None:
+        async with turns.slot((1, time.monotonic())):
+            started.append("status")
+
+    first = asyncio.create_task(apply())
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(status())
+    await asyncio.sleep(0.05)
+    # Three threads free, yet the status waits: the API server's CPU goes to the apply.
+    assert started == ["apply"]
+    apply_done.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 1)
+    assert started == ["apply", "status"]
+
+
+async def test_bookkeeping_waits_no_longer_than_its_patience() -> None:
+    turns = Turns(4, patience_s=0.2)
+    started: list[str] = []
+    never = asyncio.Event()
+
+    async def endless_children() -> None:
+        async with turns.slot((0, 1.0)):
+            await never.wait()
+
+    async def status() -> None:
+        async with turns.slot((1, time.monotonic())):
+            started.append("status")
+
+    held = asyncio.create_task(endless_children())
+    await asyncio.sleep(0.01)
+    began = time.monotonic()
+    await asyncio.wait_for(status(), 2)
+    waited = time.monotonic() - began
+    assert started == ["status"]
+    assert 0.15 <= waited < 1.5
+    held.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await held
