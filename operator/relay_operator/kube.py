@@ -107,29 +107,21 @@ class Turns:
             self._release(turn)
 
     def _may_start(self, turn: tuple[int, float]) -> bool:
+        # Asked only of the first in line: when that is bookkeeping, no children wait.
         if turn[0] == CHILDREN:
             return True
-        children_waiting = bool(self._waiting) and self._waiting[0][0][0] == CHILDREN
-        idle = self._children == 0 and not children_waiting
-        return idle or time.monotonic() - turn[1] >= self._patience
-
-    def _start(self, turn: tuple[int, float]) -> None:
-        self._free -= 1
-        if turn[0] == CHILDREN:
-            self._children += 1
+        return self._children == 0 or time.monotonic() - turn[1] >= self._patience
 
     async def _acquire(self, turn: tuple[int, float]) -> None:
-        if self._free > 0 and not self._waiting and self._may_start(turn):
-            self._start(turn)
-            return
         loop = asyncio.get_running_loop()
         granted: asyncio.Future[None] = loop.create_future()
         heapq.heappush(self._waiting, (turn, next(self._arrivals), granted))
-        if turn[0] != CHILDREN:
+        self._let_in()
+        if not granted.done() and turn[0] != CHILDREN:
             # Its patience may run out while nothing is released.
             loop.call_later(max(0.0, turn[1] + self._patience - time.monotonic()), self._let_in)
         try:
-            await granted
+            await granted  # at once when let in above
         except asyncio.CancelledError:
             # Granted just before the cancellation landed: the slot is ours to give back.
             if granted.done() and not granted.cancelled():
@@ -152,7 +144,9 @@ class Turns:
             if not self._may_start(turn):
                 return  # the oldest bookkeeping may not: no later one may either
             heapq.heappop(self._waiting)
-            self._start(turn)
+            self._free -= 1
+            if turn[0] == CHILDREN:
+                self._children += 1
             granted.set_result(None)
 
 

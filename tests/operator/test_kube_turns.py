@@ -197,3 +197,31 @@ async def test_bookkeeping_waits_no_longer_than_its_patience() -> None:
     held.cancel()
     with pytest.raises(asyncio.CancelledError):
         await held
+
+
+async def test_children_start_at_once_past_waiting_bookkeeping() -> None:
+    # A status held back by one relay's apply must not hold back another relay's apply
+    # while threads are free.
+    turns = Turns(4)
+    first_done = asyncio.Event()
+    started: list[str] = []
+
+    async def apply(label: str, since: float, done: asyncio.Event | None) -> None:
+        async with turns.slot((0, since)):
+            started.append(label)
+            if done is not None:
+                await done.wait()
+
+    async def status() -> None:
+        async with turns.slot((1, time.monotonic())):
+            started.append("status")
+
+    first = asyncio.create_task(apply("first apply", 1.0, first_done))
+    await asyncio.sleep(0.01)
+    waiting = asyncio.create_task(status())
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(apply("second apply", 2.0, None), 0.5)
+    assert started == ["first apply", "second apply"]
+    first_done.set()
+    await asyncio.wait_for(asyncio.gather(first, waiting), 1)
+    assert started == ["first apply", "second apply", "status"]
